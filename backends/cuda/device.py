@@ -1,0 +1,34 @@
+"""What torch runs on (a CUDA GPU, else the CPU), and its memory counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trmlx.backend import MemoryStats
+
+
+def describe_device() -> dict[str, Any]:
+    """GPU name, compute capability and bf16 support — the facts the precision policy depends on."""
+    info: dict[str, Any] = {"framework": "torch", "torch": torch.__version__}
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(kind="gpu", name=props.name, count=torch.cuda.device_count(),
+                    capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
+                    bf16=torch.cuda.is_bf16_supported())
+    else:
+        info.update(kind="cpu", name="cpu", count=0, bf16=True)
+    return info
+
+
+def memory() -> MemoryStats:
+    if torch.cuda.is_available():
+        return MemoryStats(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),
+                           torch.cuda.get_device_name())
+    import resource
+
+    # CPU: the process's peak resident set (kilobytes on Linux) is the honest peak we can read.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MemoryStats(active=peak, peak=peak, device="cpu")

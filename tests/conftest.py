@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny tokenizer trained offline, file writers, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Tests never touch the network: the hub is declared offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def write(tmp_path):
+    """write("name.jsonl", rows|text) -> Path; lists of dicts become JSONL."""
+
+    def _write(name: str, content, encoding: str = "utf-8") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, list):
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content), encoding=encoding)
+        else:
+            path.write_text(content, encoding=encoding)
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level tokenizer with BOS/EOS/PAD, built in memory: deterministic ids, no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("the cat sat on mat kedi paspasın üstüne oturdu translate hello merhaba dünya world ankara'da "
+             "bir iki üç dört beş altı yedi sekiz dokuz on : .").split()
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture
+def cli():
+    """cli("check", "r.toml") -> click Result with separate stdout/stderr."""
+    from trmlx.cli import main
+
+    def _invoke(*args: str):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    return _invoke

@@ -1,0 +1,48 @@
+"""The `trmlx` command line. Each command lives in its own module; this file only wires them together.
+
+Nothing here imports mlx or torch: commands import a backend only when they run one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from trmlx import __version__
+from trmlx.errors import UserError
+
+
+class _Main(click.Group):
+    """Turns UserError into one line per problem on stderr and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            for problem in err.problems:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="trmlx")
+def main() -> None:
+    """Fine-tune language models for Turkish with LoRA/QLoRA on MLX (Apple silicon) or CUDA.
+
+    Every job is a TOML recipe: `trmlx recipe explain` lists every field with its default,
+    `trmlx check RECIPE` validates a recipe and its data.
+    """
+
+
+def _register() -> None:
+    from trmlx.cli import check, env, plot, recipe_cmd, score
+
+    main.add_command(env.env)
+    main.add_command(recipe_cmd.recipe)
+    main.add_command(check.check)
+    main.add_command(plot.plot)
+    main.add_command(score.score)
+
+
+_register()

@@ -1,0 +1,165 @@
+"""Rows → token ids, decided once for both backends: prompt formatting, completion-only loss masks, truncation,
+length-bucketed batching and padding. Backends receive numpy arrays and only turn them into tensors.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from trmlx.data.prepare import Record
+from trmlx.errors import UserError
+from trmlx.recipe.schema import Recipe
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised example. Causal: loss on input_ids[prompt_len:]. Seq2seq: input_ids → target_ids."""
+
+    input_ids: tuple[int, ...]
+    prompt_len: int = 0
+    target_ids: tuple[int, ...] = ()
+    task: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids) + len(self.target_ids)
+
+
+def render(template: str, fields: dict[str, Any]) -> str:
+    """Fill {column} placeholders; the data layer has already checked that every placeholder exists."""
+    return template.format_map(fields)
+
+
+def format_example(record: Record, recipe: Recipe, tokenizer: Any = None) -> tuple[str, str]:
+    """The (prompt, target) texts of a record: template or task prefix applied, chat template if asked for."""
+    f, data = record.fields, recipe.data
+    task = next((t for t in data.tasks if t.name == record.task), None)
+    template = (task.template if task and task.template else data.template)
+    prefix = task.prefix if task else ""
+    if recipe.task == "seq2seq":
+        return prefix + render(template or "{input}", f), f["target"]
+    if "messages" in f:
+        messages = list(f["messages"])
+        if not messages or messages[-1]["role"] != "assistant":
+            raise UserError(f"{record.origin}: the last message must be the assistant's answer to train on")
+        return _chat_prompt(messages[:-1], tokenizer, record.origin), messages[-1]["content"]
+    source_role = "prompt" if "prompt" in f else "source"
+    target = f["completion"] if "completion" in f else f["target"]
+    prompt = prefix + render(template or "{" + source_role + "}", f)
+    if data.chat:
+        messages = ([{"role": "system", "content": data.system_prompt}] if data.system_prompt else [])
+        return _chat_prompt(messages + [{"role": "user", "content": prompt}], tokenizer, record.origin), target
+    return prompt, target
+
+
+def _chat_prompt(messages: list[dict[str, str]], tokenizer: Any, origin: str) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{origin}: chat formatting needs a tokenizer with a chat template, and this model's "
+                        "tokenizer has none; set data.chat = false and use data.template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any) -> tuple[list[Example], Counter]:
+    """Tokenise records with the recipe's truncation policy; returns examples and counts of what was cut."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.path: the tokenizer of {recipe.model.path} has no EOS token; training needs one "
+                        "to teach the model to stop")
+    examples, stats = [], Counter()
+    data = recipe.data
+    for record in records:
+        prompt, target = format_example(record, recipe, tokenizer)
+        # A chat template already holds BOS; plain text gets the tokenizer's usual special tokens.
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=not _has_bos(prompt, tokenizer))
+        target_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+        if recipe.task == "seq2seq":
+            long = len(prompt_ids) > data.max_length or len(target_ids) > data.max_target_length
+            if long and data.too_long == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            stats["truncated"] += long
+            source = prompt_ids[: data.max_length]
+            if len(prompt_ids) > data.max_length and tokenizer.eos_token_id in prompt_ids[-1:]:
+                source[-1] = tokenizer.eos_token_id  # keep T5's closing EOS on truncated inputs
+            examples.append(Example(tuple(source), 0, tuple(target_ids[: data.max_target_length]), record.task))
+            continue
+        ids = prompt_ids + target_ids
+        if len(ids) > data.max_length:
+            if data.too_long == "drop" or len(prompt_ids) >= data.max_length:
+                stats["dropped_too_long"] += 1  # a prompt that fills the window leaves nothing to learn from
+                continue
+            stats["truncated"] += 1
+            ids = ids[: data.max_length]
+        examples.append(Example(tuple(ids), len(prompt_ids), (), record.task))
+    return examples, stats
+
+
+def _has_bos(text: str, tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+    """Sort indices by real token count, cut into batches, shuffle the batch order with the seed.
+
+    Neighbours in length share a batch, so little compute is spent on padding; the order of batches stays random.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        random.Random(seed).shuffle(batches)
+    return batches
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of padded positions when each batch is padded to its longest member."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1 - real / padded if padded else 0.0
+
+
+def collate_causal(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded next-token batch: inputs, targets and a loss mask that is 1 only on target tokens."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = np.full((len(examples), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(examples), width), dtype=np.float32)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = e.input_ids
+        mask[row, e.prompt_len : len(e.input_ids)] = 1.0
+    # Position t predicts token t+1, so the mask moves one to the left with the targets.
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": mask[:, 1:]}
+
+
+def collate_seq2seq(examples: Sequence[Example], pad_id: int, decoder_start_id: int) -> dict[str, np.ndarray]:
+    """Encoder inputs with attention mask; decoder inputs start with decoder_start_id; targets masked at padding."""
+    n = len(examples)
+    src_w = max(len(e.input_ids) for e in examples)
+    tgt_w = max(len(e.target_ids) for e in examples)
+    inputs = np.full((n, src_w), pad_id, dtype=np.int32)
+    attention = np.zeros((n, src_w), dtype=np.int32)
+    targets = np.full((n, tgt_w), pad_id, dtype=np.int32)
+    mask = np.zeros((n, tgt_w), dtype=np.float32)
+    for row, e in enumerate(examples):
+        inputs[row, : len(e.input_ids)] = e.input_ids
+        attention[row, : len(e.input_ids)] = 1
+        targets[row, : len(e.target_ids)] = e.target_ids
+        mask[row, : len(e.target_ids)] = 1.0
+    decoder_inputs = np.concatenate([np.full((n, 1), decoder_start_id, dtype=np.int32), targets[:, :-1]], axis=1)
+    return {"inputs": inputs, "attention_mask": attention, "decoder_inputs": decoder_inputs, "targets": targets,
+            "mask": mask}
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids and attention mask for batched generation (all prompts end at the same column)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
+    attention = np.zeros((len(prompts), width), dtype=np.int32)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p) :] = p
+            attention[row, width - len(p) :] = 1
+    return ids, attention

@@ -1,0 +1,66 @@
+"""The data summary `trmlx check` prints: rows per split and task, what was dropped, length percentiles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from trmlx.data.prepare import PreparedData, Record, input_text
+from trmlx.recipe.schema import Recipe
+
+TOKEN_SAMPLE = 5000  # rows per split tokenised for token-length statistics; keeps `check` fast on big sets
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99], method="nearest")
+    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(max(values))}
+
+
+def target_text(record: Record) -> str:
+    f = record.fields
+    if "messages" in f:
+        return f["messages"][-1]["content"] if f["messages"] else ""
+    return f.get("target", f.get("completion", f.get("positive", "")))
+
+
+def load_local_tokenizer(model_path: str) -> tuple[Any, str]:
+    """The model's tokenizer if it is on this machine (model folder or hub cache), else (None, why not)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None, "transformers is not installed"
+    try:  # local_files_only: a check must never wait on the network
+        return AutoTokenizer.from_pretrained(model_path, local_files_only=True), ""
+    except Exception as err:  # noqa: BLE001 - any failure means "no tokenizer here"; the reason is shown
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return None, f"tokenizer not available locally ({first[:120]})"
+
+
+def summarize(recipe: Recipe, data: PreparedData, tokenizer: Any = None) -> dict[str, Any]:
+    """Counts, warnings, mixture and length percentiles (characters always, tokens when a tokenizer is given)."""
+    from trmlx.data.examples import tokenize
+
+    report = data.report
+    summary: dict[str, Any] = {
+        "recipe": recipe.name, "task": recipe.task, "model": recipe.model.path,
+        "rows": {split: dict(sorted(report.rows[split].items())) for split in report.rows},
+        "warnings": report.warnings(), "mixture": report.mixture, "lengths": {}, "too_long": {},
+    }
+    for split in ("train", "valid", "test"):
+        records = data.split(split)
+        if not records:
+            continue
+        lengths = {"input_chars": percentiles([len(input_text(r)) for r in records]),
+                   "target_chars": percentiles([len(target_text(r)) for r in records])}
+        if tokenizer is not None and recipe.task != "embedding":
+            sample = records[:TOKEN_SAMPLE]
+            examples, stats = tokenize(sample, recipe, tokenizer)
+            lengths["tokens"] = percentiles([e.length for e in examples])
+            summary["too_long"][split] = {"rows_checked": len(sample), "truncated": stats["truncated"],
+                                          "dropped": stats["dropped_too_long"], "policy": recipe.data.too_long,
+                                          "max_length": recipe.data.max_length}
+        summary["lengths"][split] = lengths
+    return summary

@@ -1,0 +1,172 @@
+"""Every recipe field, its type, default and one-line doc — the single source for validation, `--help` and
+`trmlx recipe explain`. Backends read these frozen dataclasses; nothing else holds a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+
+def doc(default: Any, text: str, *, minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A dataclass field with its documentation (and optional numeric range) stored beside the default."""
+    meta = {"doc": text, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+TaskKind = Literal["causal", "seq2seq", "embedding"]
+PeftMethod = Literal["lora", "dora", "prefix", "prompt", "full"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = doc("", "Hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or model directory, relative to the recipe file.")
+    quantize_bits: Literal[0, 2, 3, 4, 5, 6, 8] = doc(0, "Quantise the frozen base at load: 0 = off, 4 = QLoRA.")
+    quant_group_size: Literal[32, 64, 128] = doc(64, "Weights sharing one scale (MLX affine quantisation).")
+    quant_mode: Literal["auto", "affine", "mxfp4", "nvfp4", "mxfp8", "nf4", "fp4", "int8"] = doc(
+        "auto", "Quantisation scheme: auto = affine on MLX, nf4 (4-bit) / int8 (8-bit) on CUDA."
+    )
+    double_quant: bool = doc(True, "CUDA: bitsandbytes double quantisation of the scales (~0.4 bit/weight saved).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
+        "auto", "Compute dtype: auto = bf16 where supported, else fp16 (causal) or fp32 (T5, which overflows in fp16)."
+    )
+    trust_remote_code: bool = doc(False, "Allow model code from the hub (transformers trust_remote_code).")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task of a multitask mixture (seq2seq summarise + QA, say)."""
+
+    name: str = doc("", "Task name used in logs and per-task metrics, e.g. summarize or qa.")
+    train: Union[str, list[str]] = doc("", "Training file(s) of this task, relative to the recipe file.")
+    valid: Union[str, list[str]] = doc("", "Validation file(s) of this task.")
+    test: Union[str, list[str]] = doc("", "Test file(s) of this task.")
+    columns: dict[str, str] = doc({}, "Map from role (input, target, ...) to column name in this task's files.")
+    template: str = doc("", "Text with {column} placeholders; empty = the data section's template.")
+    prefix: str = doc("", "Task prefix put before the input, e.g. 'summarize: ' for T5.")
+    weight: float = doc(0.0, "Sampling weight in the mixture; 0 = use the data section's mixture rule.", minimum=0)
+    upsample: float = doc(1.0, "Repeat this task's training rows this many times (2.0 doubles QA).", minimum=0)
+    metrics: list[str] = doc([], "Metrics for this task; empty = the eval section's metrics.")
+    min_target_chars: int = doc(0, "Drop rows whose target is shorter than this (e.g. 3 for tiny QA answers).",
+                                minimum=0)
+    min_input_chars: int = doc(0, "Drop rows whose input is shorter than this (e.g. 50 for QA contexts).", minimum=0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: Union[str, list[str]] = doc("", "Training file(s): .jsonl .json .csv .tsv .parquet or a save_to_disk dir.")
+    valid: Union[str, list[str]] = doc("", "Validation file(s); empty = split off valid_ratio of train.")
+    test: Union[str, list[str]] = doc("", "Test file(s); empty = split off test_ratio of train.")
+    dataset: str = doc("", "Hub dataset name, used instead of files when online (e.g. wmt16).")
+    dataset_config: str = doc("", "Hub dataset config, e.g. tr-en.")
+    dataset_split: str = doc("train", "Hub split that becomes the training data.")
+    columns: dict[str, str] = doc(
+        {}, "Map from role to column, e.g. {source = 'en', target = 'tr'}; roles depend on the task kind."
+    )
+    template: str = doc("", "Input text with {column} placeholders, e.g. 'Translate to Turkish: {source}'; "
+                            "empty = the source/input column as it is.")
+    chat: bool = doc(False, "Format prompts with the tokenizer's chat template (causal).")
+    system_prompt: str = doc("", "System message for chat formatting.")
+    max_length: int = doc(512, "Longest tokenised example (prompt + target for causal; input for seq2seq).",
+                          minimum=8)
+    max_target_length: int = doc(128, "Longest tokenised target (seq2seq) and default generation budget.", minimum=1)
+    too_long: Literal["truncate", "drop"] = doc("truncate", "What to do with rows longer than max_length.")
+    on_empty: Literal["drop", "error"] = doc("drop", "Rows with an empty or whitespace-only field: drop (counted) "
+                                                     "or stop with an error naming file and line.")
+    dedup: bool = doc(False, "Remove exact duplicate rows (they are always counted and reported).")
+    valid_ratio: float = doc(0.0, "Fraction of train split off for validation when no valid file is given.",
+                             minimum=0, maximum=0.5)
+    test_ratio: float = doc(0.0, "Fraction of train split off for testing when no test file is given.",
+                            minimum=0, maximum=0.5)
+    split_seed: int = doc(0, "Seed of the ratio split, so the split is the same on every machine.")
+    mixture: Literal["proportional", "temperature", "weights"] = doc(
+        "proportional", "How multitask rows are mixed: as found, temperature-smoothed, or by each task's weight."
+    )
+    temperature: float = doc(2.0, "Mixture temperature: task share ∝ rows^(1/T); 1 = proportional.", minimum=1)
+    tasks: list[TaskConfig] = doc([], "Multitask mixture: one [[data.tasks]] table per task.")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    method: PeftMethod = doc("lora", "lora | dora | prefix (prefix tuning) | prompt (soft prompt) | full fine-tuning.")
+    rank: int = doc(16, "LoRA/DoRA rank r.", minimum=1, maximum=1024)
+    alpha: float = doc(32.0, "LoRA alpha; the update is scaled by alpha / rank (PEFT's convention, both backends).",
+                       minimum=0)
+    dropout: float = doc(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.9)
+    targets: Union[str, list[str]] = doc(
+        "all-linear", "Module names to adapt (q_proj, v_proj, wi_0, ...) or 'all-linear'."
+    )
+    layers: int = doc(0, "Adapt only the last N transformer layers; 0 = all.", minimum=0)
+    num_virtual_tokens: int = doc(20, "Virtual tokens for prefix and prompt tuning.", minimum=1, maximum=512)
+    prefix_projection: bool = doc(False, "Prefix tuning: reparameterise the prefix through an MLP (more stable).")
+    prompt_init_text: str = doc("", "Prompt tuning: initialise the soft prompt from this text's embeddings.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = doc(0.0, "Passes over the training data; set epochs or steps, not both.", minimum=0)
+    steps: int = doc(0, "Optimizer steps; 0 = derived from epochs (1 epoch if neither is set).", minimum=0)
+    batch_size: int = doc(4, "Examples per micro-batch.", minimum=1)
+    grad_accum: int = doc(1, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).",
+                          minimum=1)
+    lr: float = doc(1e-4, "Peak learning rate.", minimum=0, maximum=1)
+    schedule: Literal["cosine", "linear", "constant"] = doc("cosine", "Learning-rate decay after warm-up.")
+    warmup_steps: int = doc(0, "Linear warm-up steps from 0 to lr.", minimum=0)
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay.", minimum=0)
+    optimizer: Literal["adamw", "adafactor", "paged_adamw_8bit"] = doc("adamw", "Optimizer; paged_adamw_8bit is CUDA-only.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 = off.", minimum=0)
+    grad_checkpoint: bool = doc(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    seed: int = doc(0, "Seed for weights init, shuffling and dropout.")
+    eval_every: int = doc(200, "Validation loss every N steps; 0 = only at the end.", minimum=0)
+    save_every: int = doc(200, "Checkpoint every N steps; 0 = only at the end.", minimum=0)
+    log_every: int = doc(10, "Step report every N steps.", minimum=1)
+    max_eval_batches: int = doc(25, "Cap on validation batches per evaluation during training.", minimum=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    metrics: list[str] = doc([], "Metrics to report, e.g. ['bleu', 'chrf']; empty = the task kind's defaults.")
+    lang: Literal["tr", "en"] = doc("tr", "Language rules for metric normalisation (Turkish casing, punctuation).")
+    max_samples: int = doc(500, "Cap on test examples evaluated; 0 = all.", minimum=0)
+    batch_size: int = doc(16, "Examples per batched generation.", minimum=1)
+    max_new_tokens: int = doc(128, "Generation budget per example.", minimum=1)
+    temperature: float = doc(0.0, "Sampling temperature; 0 = greedy.", minimum=0)
+    top_p: float = doc(1.0, "Nucleus sampling threshold.", minimum=0, maximum=1)
+    top_k: int = doc(0, "Sample from the k most likely tokens; 0 = off.", minimum=0)
+    repetition_penalty: float = doc(1.0, "Penalty > 1 discourages repeated tokens.", minimum=0.5, maximum=3)
+    bleu_tokenize: Literal["13a", "intl", "char"] = doc("13a", "sacrebleu tokenizer for BLEU.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: TaskKind = doc("causal", "causal (decoder LM) | seq2seq (T5/mT5) | embedding (retrieval encoder).")
+    name: str = doc("", "Run name; default is the recipe file's name.")
+    description: str = doc("", "Free text shown in `trmlx check`.")
+    model: ModelConfig = doc(ModelConfig(), "The base model and how it is loaded.")
+    data: DataConfig = doc(DataConfig(), "Where the data is and how rows become examples.")
+    peft: PeftConfig = doc(PeftConfig(), "Parameter-efficient method and its settings.")
+    train: TrainConfig = doc(TrainConfig(), "Optimisation and checkpointing.")
+    eval: EvalConfig = doc(EvalConfig(), "Evaluation metrics and generation settings.")
+    backend: dict[str, Any] = doc(
+        {}, "Per-backend overrides: [backend.mlx.train] batch_size = 2 applies only with --backend mlx."
+    )
+
+
+BACKEND_NAMES = ("mlx", "cuda")
+
+# The row layouts each task kind accepts, tried in order: a layout applies when all its roles have a column.
+TASK_LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "causal": (("source", "target"), ("prompt", "completion"), ("messages",)),
+    "seq2seq": (("input", "target"),),
+    "embedding": (("query", "positive"),),
+}
+# Roles a layout may also use when present.
+OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {"causal": (), "seq2seq": ("task",), "embedding": ("negatives",)}
+# Column names tried for a role when data.columns does not name one (users' existing files, unchanged).
+ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "query": ("query", "question", "anchor"),
+    "positive": ("positive", "answer", "pos"),
+    "negatives": ("negatives", "neg"),
+}
