@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from trmlx.cli.common import console as common_console
 from trmlx.cli.common import emit, json_option, set_option
 from trmlx.errors import UserError
 
@@ -46,10 +47,9 @@ def check(recipes: tuple[str, ...], backend: str | None, no_tokenizer: bool, ove
 
 
 def _render(results: list[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = common_console()
     for s in results:
         table = Table(title=f"{s['path']} — {s['task']}, model {s['model']}", title_justify="left")
         for column in ("split", "task", "rows", "input chars p50/p90/max", "target chars p50/p90/max",

@@ -26,3 +26,10 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         sys.stdout.write(json.dumps(result, ensure_ascii=False, indent=2, default=str) + "\n")
     else:
         render(result)
+
+
+def console():
+    """A rich console; when piped (not a terminal) it is wide enough that tables are not wrapped mid-word."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)

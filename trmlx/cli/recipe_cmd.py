@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from trmlx.cli.common import console as common_console
 from trmlx.cli.common import emit, json_option, set_option
 
 
@@ -27,13 +28,12 @@ def explain(section: str | None, as_json: bool) -> None:
         raise UserError(f"recipe explain: no section {section!r}; sections: {', '.join(sections)}")
 
     def render(rows: list[tuple[str, str, str, str]]) -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("key", "type", "default", "meaning", show_lines=False)
         for key, kind, default, doc in rows:
             table.add_row(key, kind, default, doc)
-        Console().print(table)
+        common_console().print(table)
 
     emit([dict(zip(("key", "type", "default", "doc"), r)) for r in rows] if as_json else rows, as_json, render)
 

@@ -111,16 +111,17 @@ def _load_task(recipe: Recipe, task: TaskConfig, report: DataReport) -> dict[str
             rows += read_rows(path, split={"valid": "validation"}.get(split, split))
         loaded[split] = _clean(recipe, task, split, _to_records(recipe.task, rows, columns, template, task.name),
                                report)
-    rng = random.Random(data.split_seed)
+    # Ratios are shares of the whole training file, cut from one seeded shuffle so the splits are disjoint.
+    pool = loaded["train"]
+    order = list(range(len(pool)))
+    random.Random(data.split_seed).shuffle(order)
+    taken: set[int] = set()
     for split, ratio in (("valid", data.valid_ratio), ("test", data.test_ratio)):
-        if ratio and not loaded[split]:
-            pool = loaded["train"]
-            order = list(range(len(pool)))
-            rng.shuffle(order)
-            cut = max(1, round(len(pool) * ratio))
-            chosen = set(order[:cut])
-            loaded[split] = [pool[i] for i in sorted(chosen)]
-            loaded["train"] = [r for i, r in enumerate(pool) if i not in chosen]
+        if ratio and not loaded[split] and pool:
+            cut = order[len(taken) : len(taken) + max(1, round(len(pool) * ratio))]
+            taken.update(cut)
+            loaded[split] = [pool[i] for i in sorted(cut)]
+    loaded["train"] = [r for i, r in enumerate(pool) if i not in taken]
     return loaded
 
 
@@ -129,7 +130,7 @@ def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: s
     if not rows:
         return []
     header = list(dict.fromkeys(k for row in rows[:50] for k in row.values))
-    roles = _resolve_roles(kind, header, mapping, rows[0].origin)
+    roles = _resolve_roles(kind, header, mapping, rows[0].origin, bool(template))
     negative_columns = sorted((c for c in header if _NEGATIVE_COLUMN.match(c)),
                               key=lambda c: int(_NEGATIVE_COLUMN.match(c).group(1)))
     placeholders = {name for _, name, _, _ in string.Formatter().parse(template) if name}
@@ -151,6 +152,9 @@ def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: s
                 break
             values[role] = row.values[column]
         else:
+            for role in TASK_LAYOUTS[kind][0][:1]:
+                if role not in roles:  # the template builds this role from other columns
+                    values[role] = template.format_map(values)
             if negative_columns and "negatives" not in roles:
                 values["negatives"] = [row.values[c] or "" for c in negative_columns]
             records.append(Record(values, row.origin, task or str(values.get("task", "") or "")))
@@ -162,8 +166,12 @@ def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: s
     return records
 
 
-def _resolve_roles(kind: str, header: list[str], mapping: dict[str, str], origin: str) -> dict[str, str]:
-    """Pick the first row layout whose roles all have a column (explicit mapping first, then known names)."""
+def _resolve_roles(kind: str, header: list[str], mapping: dict[str, str], origin: str,
+                   has_template: bool) -> dict[str, str]:
+    """Pick the first row layout whose roles all have a column (explicit mapping first, then known names).
+
+    With a template, the layout's input role (source, input, ...) may be missing: the template builds it.
+    """
 
     def column_for(role: str) -> str | None:
         if role in mapping:
@@ -174,14 +182,16 @@ def _resolve_roles(kind: str, header: list[str], mapping: dict[str, str], origin
     if mapping:  # an explicit mapping chooses the layout it names
         layouts = tuple(lay for lay in layouts if set(mapping) & set(lay)) or layouts
     for layout in layouts:
-        found = {role: column_for(role) for layout_role in [layout] for role in layout_role}
-        if all(c in header for c in found.values() if c) and all(found.values()):
+        found = {role: column_for(role) for role in layout}
+        if has_template and layout == TASK_LAYOUTS[kind][0] and found[layout[0]] not in header:
+            del found[layout[0]]
+        if found and all(c in header for c in found.values()):
             for role in OPTIONAL_ROLES[kind]:
                 column = column_for(role)
                 if column and column in header:
                     found[role] = column
             return found
-    layout = layouts[0]
+    layout = layouts[0][1:] if has_template else layouts[0]
     missing = [role for role in layout if (column_for(role) or role) not in header]
     role = missing[0]
     column = column_for(role) or role

@@ -1,0 +1,44 @@
+"""The built wheel installs trmlx with its backends inside the trmlx namespace, and CI runs the README's command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import REPO
+
+
+def test_wheel_imports_backends_under_trmlx(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("trmlx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "trmlx/backends/mlx/device.py" in names and "trmlx/backends/cuda/device.py" in names
+    assert not [n for n in names if n.startswith("backends/")]  # no generic top-level module
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True)
+    code = "import trmlx, trmlx.backends, trmlx.cli; print(trmlx.__file__); print(trmlx.backends.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert all(line.startswith(str(tmp_path / "site")) for line in out.stdout.split())
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    start = readme.index("<!-- test-command -->")
+    command = readme[start:].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert command in ci
+
+
+def test_every_package_folder_is_packaged():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+
+    def dotted(root, prefix):
+        return {".".join((prefix, *p.parent.relative_to(root).parts)) for p in root.rglob("__init__.py")}
+
+    assert dotted(REPO / "trmlx", "trmlx") | dotted(REPO / "backends", "trmlx.backends") == listed
