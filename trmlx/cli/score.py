@@ -119,7 +119,8 @@ def _render(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"scores ({result['n']} examples)")
+    console.print(f"[bold]{result['n']} examples[/bold] (lang {result['lang']})", highlight=False)
+    table = Table()
     table.add_column("metric")
     table.add_column("score", justify="right")
     for key, value in result["scores"].items():
@@ -140,12 +141,22 @@ def _render(result: dict[str, Any]) -> None:
 
 
 @click.command("score")
-@click.option("--metric", "metrics", multiple=True, required=True, help=f"Metric to compute (repeatable): {', '.join(TEXT_METRICS)}.")
-@click.option("--hyp", help="System outputs, one example per line.")
-@click.option("--ref", "refs", multiple=True, help="References, one per line aligned with --hyp (repeat for several).")
-@click.option("--predictions", help="JSONL with 'prediction', 'reference' (string or list) and optional 'task'.")
-@click.option("--lang", type=click.Choice(["tr", "en"]), default="tr", show_default=True, help="Normalisation for ROUGE/EM/F1.")
-@click.option("--tokenize", type=click.Choice(["13a", "intl", "char"]), default="13a", show_default=True, help="BLEU tokenizer.")
+@click.option(
+    "--metric", "metrics", multiple=True, required=True, help=f"Metric (repeatable): {', '.join(TEXT_METRICS)}."
+)
+@click.option("--hyp", metavar="FILE", help="System outputs, one example per line.")
+@click.option(
+    "--ref", "refs", metavar="FILE", multiple=True, help="References aligned with --hyp (repeat for several)."
+)
+@click.option(
+    "--predictions", metavar="FILE", help="JSONL: 'prediction', 'reference' (string or list), optional 'task'."
+)
+@click.option(
+    "--lang", type=click.Choice(["tr", "en"]), default="tr", show_default=True, help="Normalisation for ROUGE/EM/F1."
+)
+@click.option(
+    "--tokenize", type=click.Choice(["13a", "intl", "char"]), default="13a", show_default=True, help="BLEU tokenizer."
+)
 @click.option("--lowercase", is_flag=True, help="Case-insensitive BLEU/chrF with Turkish lowercasing (I→ı, İ→i).")
 @json_option
 def score(
@@ -161,7 +172,8 @@ def score(
     """Score predictions: `--hyp H --ref R` (text files) or `--predictions P.jsonl` (per-task when rows have tasks)."""
     unknown = [m for m in metrics if m not in TEXT_METRICS]
     if unknown:
-        raise UserError(f"unknown metric {', '.join(map(repr, unknown))} for score; available: {', '.join(TEXT_METRICS)}")
+        names = ", ".join(map(repr, unknown))
+        raise UserError(f"unknown metric {names} for score; available: {', '.join(TEXT_METRICS)}")
     metrics = tuple(dict.fromkeys(metrics))
     if predictions is not None:
         if hyp is not None or refs:

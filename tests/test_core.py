@@ -1,0 +1,64 @@
+"""Run directory, atomic writes, environment record, precision policy and the backend registry."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from trmlx.backend import REGISTRY, get_backend
+from trmlx.errors import UserError
+from trmlx.precision import choose_dtype
+from trmlx.rundir import RunDir, atomic_write, create_run_dir, default_run_path, environment_record
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    atomic_write(target, '{"step": 1}')
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, '{"step": 2}')
+    assert json.loads(target.read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind
+
+
+def test_run_dir_layout_and_no_overwrite(tmp_path):
+    env = environment_record(backend="mlx", device={"name": "cpu"})
+    run = create_run_dir(tmp_path / "run", 'task = "causal"\n', env)
+    assert run.recipe.read_text() == 'task = "causal"\n'
+    assert json.loads(run.environment.read_text())["backend"] == "mlx"
+    assert run.predictions("test") == tmp_path / "run" / "predictions" / "test.jsonl"
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        create_run_dir(tmp_path / "run", "x", env)
+    assert run.recipe.read_text() == 'task = "causal"\n'  # nothing written over
+    assert create_run_dir(tmp_path / "run", 'task = "causal"\n', env, resume=True) == RunDir(tmp_path / "run")
+
+
+def test_default_run_path_and_environment():
+    assert default_run_path("translate_7b").name.startswith("translate_7b-")
+    env = environment_record()
+    assert env["packages"]["trmlx"] == "0.1.0" and env["python"].startswith("3.")
+
+
+@pytest.mark.parametrize("task,requested,bf16,expected", [
+    ("causal", "auto", True, "bf16"),
+    ("causal", "auto", False, "fp16"),   # T4/P100: fp16 with loss scaling
+    ("seq2seq", "auto", False, "fp32"),  # T5 overflows in fp16
+    ("embedding", "auto", False, "fp16"),
+    ("causal", "bf16", False, "fp32"),
+    ("causal", "fp32", True, "fp32"),
+])
+def test_precision_policy(task, requested, bf16, expected):
+    dtype, reason = choose_dtype(task, requested, bf16)
+    assert dtype == expected and reason
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(UserError, match=r"--backend: unknown backend 'tpu'; expected one of mlx, cuda"):
+        get_backend("tpu")
+    assert set(REGISTRY) == {"mlx", "cuda"}
