@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from trmlx.cli.common import console as common_console
 from trmlx.cli.common import emit, json_option
 from trmlx.errors import UserError
 from trmlx.metrics import TEXT_METRICS, compute_with_signature, per_task
@@ -115,10 +116,9 @@ def score_rows(
 
 def _render(result: dict[str, Any]) -> None:
     """Print the scores (and per-task table when present) with rich."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = common_console()
     console.print(f"[bold]{result['n']} examples[/bold] (lang {result['lang']})", highlight=False)
     table = Table()
     table.add_column("metric")
