@@ -1,0 +1,158 @@
+"""LoRA/DoRA on MLX models with PEFT's conventions, saved and loaded in PEFT's file format.
+
+PEFT scales the update by alpha / r (mlx-lm by a raw `scale`); we always pass alpha / r, so an adapter means the
+same thing on both backends. PEFT stores lora_A as (r, in) and lora_B as (out, r); mlx-lm keeps the transposes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
+
+from trmlx.errors import UserError
+from trmlx.recipe.schema import PeftConfig
+from trmlx.rundir import atomic_write
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_LINEAR = (nn.Linear, nn.QuantizedLinear)
+
+
+def layer_indices(model: nn.Module, last_n: int) -> list[int]:
+    """Indices of the transformer blocks to adapt: the last `last_n`, or all when 0."""
+    total = len(model.layers)
+    if last_n > total:
+        raise UserError(f"peft.layers: requested to adapt {last_n} layers but the model only has {total}")
+    return list(range(total - last_n, total)) if last_n else list(range(total))
+
+
+def target_keys(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Paths inside one block (e.g. 'self_attn.q_proj') of the linear layers the targets name.
+
+    Like PEFT, a target matches a module whose path ends with it; 'all-linear' takes every linear of the block.
+    """
+    linears = [name for name, module in model.layers[0].named_modules() if isinstance(module, _LINEAR)]
+    if targets == "all-linear":
+        return sorted(linears)
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linears)]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise UserError(f"peft.targets: {', '.join(repr(m) for m in missing)} matches no linear layer of this "
+                        f"model; its linear layers are {', '.join(names)}")
+    return sorted(n for n in linears if any(n == t or n.endswith("." + t) for t in wanted))
+
+
+def apply_lora(model: nn.Module, peft: PeftConfig) -> list[str]:
+    """Freeze the model and wrap the targeted linears in LoRA (or DoRA) layers; return their full paths."""
+    if peft.method not in ("lora", "dora"):
+        raise UserError(f"peft.method: apply_lora handles lora and dora, not {peft.method!r}")
+    model.freeze()
+    keys = set(target_keys(model, peft.targets))
+    wrapper = DoRALinear if peft.method == "dora" else LoRALinear
+    for index in layer_indices(model, peft.layers):
+        block = model.layers[index]
+        replaced = [(name, wrapper.from_base(module, r=peft.rank, dropout=peft.dropout,
+                                             scale=peft.alpha / peft.rank))
+                    for name, module in block.named_modules() if name in keys]
+        block.update_modules(tree_unflatten(replaced))
+    return sorted(path for path, module in model.named_modules() if isinstance(module, (LoRALinear, DoRALinear)))
+
+
+def _numpy(array: mx.array) -> np.ndarray:
+    # safetensors.numpy writes the raw buffer: a transposed (strided) view must be made contiguous first.
+    return np.ascontiguousarray(np.array(array.astype(mx.float32)))
+
+
+def peft_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Adapter weights under PEFT's key names and shapes (float32 numpy)."""
+    state = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (LoRALinear, DoRALinear)):
+            key = _PEFT_PREFIX + path
+            state[f"{key}.lora_A.weight"] = _numpy(module.lora_a.T)
+            state[f"{key}.lora_B.weight"] = _numpy(module.lora_b.T)
+            if isinstance(module, DoRALinear):
+                state[f"{key}.lora_magnitude_vector"] = _numpy(module.m)
+    return state
+
+
+def peft_config(peft: PeftConfig, model: nn.Module, base_model: str, task_type: str = "CAUSAL_LM") -> dict[str, Any]:
+    """adapter_config.json as PEFT writes it for a LoraConfig, so PeftModel.from_pretrained accepts it."""
+    names = sorted({k.rsplit(".", 1)[-1] for k in target_keys(model, peft.targets)})
+    layers = layer_indices(model, peft.layers)
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
+        "r": peft.rank, "lora_alpha": peft.alpha, "lora_dropout": peft.dropout, "target_modules": names,
+        "use_dora": peft.method == "dora", "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+        "layers_to_transform": None if len(layers) == len(model.layers) else layers, "layers_pattern": None,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
+        "alpha_pattern": {}, "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, path: Path, config: dict[str, Any]) -> None:
+    """Write adapter_config.json + adapter_model.safetensors atomically."""
+    from safetensors.numpy import save
+
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_FILE, save(peft_state(model), metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2))
+
+
+def load_adapter(model: nn.Module, path: Path) -> PeftConfig:
+    """Attach a PEFT LoRA/DoRA adapter (trained with trmlx on either backend, or with peft) to an MLX model."""
+    from safetensors.numpy import load_file
+
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{path}: no {CONFIG_FILE}; expected a PEFT adapter folder")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported by the MLX "
+                        "backend's adapter loader (LORA, with or without DoRA)")
+    if config.get("use_rslora"):
+        raise UserError(f"{config_path}: rsLoRA adapters are not supported (scale alpha/sqrt(r))")
+    layers = config.get("layers_to_transform")
+    total = len(model.layers)
+    if isinstance(layers, int):
+        layers = [layers]
+    if layers and list(layers) != list(range(total - len(layers), total)):
+        raise UserError(f"{config_path}: layers_to_transform {layers} is not a run of final layers, which is "
+                        "what the MLX backend adapts")
+    peft = PeftConfig(method="dora" if config.get("use_dora") else "lora", rank=int(config["r"]),
+                      alpha=float(config["lora_alpha"]), dropout=0.0, targets=list(config["target_modules"]),
+                      layers=len(layers) if layers else 0)
+    apply_lora(model, peft)
+    weights = load_file(str(Path(path) / WEIGHTS_FILE))
+    params: list[tuple[str, mx.array]] = []
+    modules = dict(model.named_modules())
+    for key, value in weights.items():
+        stem = key.removeprefix(_PEFT_PREFIX)
+        stem = stem.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        for suffix, name, transpose in ((".lora_A.weight", "lora_a", True), (".lora_B.weight", "lora_b", True),
+                                        (".lora_magnitude_vector", "m", False)):
+            if stem.endswith(suffix):
+                module_path = stem[: -len(suffix)]
+                if module_path not in modules:
+                    raise UserError(f"{path}: weight {key} belongs to no adapted module of this model")
+                params.append((f"{module_path}.{name}", mx.array(value.T if transpose else value)))
+                break
+        else:
+            raise UserError(f"{path}: unexpected weight {key} (expected lora_A, lora_B or lora_magnitude_vector)")
+    model.update(tree_unflatten(params))
+    mx.eval(model.trainable_parameters())
+    return peft
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
