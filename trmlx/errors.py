@@ -13,3 +13,11 @@ class UserError(Exception):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training, raised by a backend after it wrote a checkpoint; carries that checkpoint's path."""
+
+    def __init__(self, checkpoint: str):
+        super().__init__(checkpoint)
+        self.checkpoint = checkpoint

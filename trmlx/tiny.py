@@ -92,7 +92,8 @@ def llama_config(*, vocab_size: int, hidden_size: int, num_layers: int, num_head
 
 def llama_weights(config: dict, seed: int = 0) -> dict:
     """float32 numpy weights under the exact HF Llama names (Linear weights are [out, in]); drawn in a fixed
-    order from one seeded generator, normal(0, 0.02), RMSNorm scales at 1."""
+    order from one seeded generator. Each matrix is normal(0, 1/sqrt(fan_in)) so activations and logits keep unit
+    scale in this tiny net: with GPT-style 0.02 the frozen head caps logits near ±1 and LoRA cannot learn."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -100,10 +101,11 @@ def llama_weights(config: dict, seed: int = 0) -> dict:
     hd = config["head_dim"]
     q_out, kv_out = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
 
-    def normal(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * config["initializer_range"]).astype(np.float32)
+    def normal(out_dim: int, in_dim: int, std: float | None = None) -> np.ndarray:
+        scale = in_dim ** -0.5 if std is None else std
+        return (rng.standard_normal((out_dim, in_dim)) * scale).astype(np.float32)
 
-    weights = {"model.embed_tokens.weight": normal(vocab, h)}
+    weights = {"model.embed_tokens.weight": normal(vocab, h, std=1.0)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights[p + "self_attn.q_proj.weight"] = normal(q_out, h)

@@ -1,1 +1,53 @@
 """The MLX backend (Apple silicon Metal, MLX's CPU and CUDA builds). Importing it imports mlx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from trmlx.backend import GenerationSettings, LoadedModel, MemoryStats
+from trmlx.data.examples import Example
+from trmlx.recipe.schema import Recipe
+from trmlx.report import StepReport
+
+
+class MLXBackend:
+    """Implements trmlx.backend.Backend with MLX; each method delegates to the module that owns the work."""
+
+    name = "mlx"
+
+    def load(self, recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
+        from trmlx.backends.mlx.model import load
+
+        return load(recipe, adapter)
+
+    def train(self, loaded: LoadedModel, recipe: Recipe, train: Sequence[Example], valid: Sequence[Example],
+              run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
+        from trmlx.backends.mlx.train import train_loop
+
+        return train_loop(loaded, recipe, train, valid, run_dir, resume)
+
+    def evaluate(self, loaded: LoadedModel, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+        from trmlx.backends.mlx.train import evaluate_loss
+
+        return evaluate_loss(loaded, examples, batch_size)
+
+    def generate(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]],
+                 settings: GenerationSettings) -> Iterator[list[int]]:
+        from trmlx.backends.mlx.generate import generate_tokens
+
+        return iter(generate_tokens(loaded, prompts, settings))
+
+    def save_adapter(self, loaded: LoadedModel, path: Path) -> None:
+        from trmlx.backends.mlx.adapters import peft_config, save_adapter
+
+        save_adapter(loaded.model, path, peft_config(loaded.handle["peft"], loaded.model, loaded.handle["base"]))
+
+    def memory(self) -> MemoryStats:
+        from trmlx.backends.mlx.device import memory
+
+        return memory()
+
+
+def create_backend() -> MLXBackend:
+    return MLXBackend()

@@ -36,13 +36,17 @@ def main() -> None:
 
 
 def _register() -> None:
-    from trmlx.cli import check, env, plot, recipe_cmd, score
+    from trmlx.cli import check, env, plot, recipe_cmd, score, train
+    from trmlx.cli import eval_cmd, generate_cmd
 
     main.add_command(env.env)
     main.add_command(recipe_cmd.recipe)
     main.add_command(check.check)
     main.add_command(plot.plot)
     main.add_command(score.score)
+    main.add_command(train.train)
+    main.add_command(eval_cmd.eval_command)
+    main.add_command(generate_cmd.generate)
 
 
 _register()

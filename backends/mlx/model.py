@@ -1,0 +1,69 @@
+"""Load a causal LM for MLX: HF folders through mlx-lm's model code, quantised block by block at load, so peak
+memory stays near the quantised size plus one block instead of the full-precision model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from trmlx.backend import LoadedModel
+from trmlx.errors import UserError
+from trmlx.recipe.schema import Recipe
+
+from trmlx.backends.mlx.adapters import apply_lora, load_adapter
+
+
+def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
+    """Model + HF tokenizer; quantised per recipe; a new LoRA/DoRA from the recipe or a saved PEFT adapter."""
+    from mlx_lm.utils import _download, load_model, load_tokenizer
+
+    model_cfg = recipe.model
+    try:
+        path = _download(model_cfg.path)
+    except Exception as err:  # hub errors come in many types; all mean "not here and not downloadable"
+        raise UserError(f"model.path: cannot find {model_cfg.path!r} locally or on the hub ({type(err).__name__})")
+    try:
+        model, config = load_model(path, lazy=True, trust_remote_code=model_cfg.trust_remote_code)
+    except ValueError as err:
+        raise UserError(f"model.path: {path}: {err}") from None
+    already_quantised = "quantization" in config or "quantization_config" in config
+    if model_cfg.quantize_bits and not already_quantised:
+        quantise_blockwise(model, model_cfg.quantize_bits, model_cfg.quant_group_size,
+                           "affine" if model_cfg.quant_mode == "auto" else model_cfg.quant_mode)
+    else:
+        mx.eval(model.parameters())
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    hf_tokenizer = tokenizer._tokenizer
+    if hf_tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
+        hf_tokenizer.pad_token = hf_tokenizer.eos_token
+    peft = recipe.peft
+    mx.random.seed(recipe.train.seed)  # LoRA's A matrices are random: the same seed gives the same start
+    if adapter is not None:
+        peft = load_adapter(model, adapter)  # the adapter's own rank/alpha/targets, not the recipe's
+    elif peft.method in ("lora", "dora"):
+        apply_lora(model, peft)
+    elif peft.method == "full":
+        model.unfreeze()
+    else:
+        raise UserError(f"peft.method: {peft.method!r} is not available in the MLX backend yet; use lora, "
+                        "dora or full")
+    return LoadedModel(model=model, tokenizer=hf_tokenizer,
+                       handle={"path": str(path), "config": config, "peft": peft, "base": model_cfg.path})
+
+
+def quantise_blockwise(model: nn.Module, bits: int, group_size: int, mode: str) -> None:
+    """Quantise and evaluate one transformer block at a time: each block's full-precision weights are read,
+    quantised and released before the next block is touched."""
+
+    def quantisable(_, module: nn.Module) -> bool:
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+    for block in model.layers:
+        nn.quantize(block, group_size=group_size, bits=bits, mode=mode, class_predicate=quantisable)
+        mx.eval(block.parameters())
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode,
+                class_predicate=lambda p, m: quantisable(p, m) and not isinstance(m, (nn.QuantizedLinear,
+                                                                                        nn.QuantizedEmbedding)))
+    mx.eval(model.parameters())

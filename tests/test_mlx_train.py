@@ -1,0 +1,83 @@
+"""The MLX training loop end to end on the tiny offline Llama: CLI run, exact resume, Ctrl-C, shipped recipes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("mlx.core", reason="the MLX backend needs mlx (pip install 'trmlx[mlx]')")
+
+from tests.conftest import REPO  # noqa: E402
+from trmlx import run as runner  # noqa: E402
+from trmlx.errors import TrainingInterrupted  # noqa: E402
+from trmlx.report import read_log  # noqa: E402
+from trmlx.schedule import learning_rate, total_steps  # noqa: E402
+from trmlx.recipe.schema import TrainConfig  # noqa: E402
+
+QUICKSTART = str(REPO / "recipes" / "quickstart.toml")
+SHORT = ["train.steps=6", "train.log_every=1", "train.save_every=2", "train.eval_every=3", "train.batch_size=4",
+         "train.warmup_steps=2"]
+
+
+def losses(run_dir) -> list[tuple[str, int, float]]:
+    return [(r["kind"], r["step"], r["loss"]) for r in read_log(run_dir / "metrics.jsonl")]
+
+
+def test_quickstart_trains_and_writes_the_run_dir(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", QUICKSTART, "--output", str(out), "--json", "--set", "train.steps=4",
+                 "--set", "train.log_every=2", "--set", "train.warmup_steps=1")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 4 and summary["final_train_loss"] > 0
+    for name in ("recipe.toml", "environment.json", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "plots/loss.png", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "environment.json").read_text())["backend"] == "mlx"
+    assert [(k, s) for k, s, _ in losses(out)] == [("train", 2), ("train", 4), ("eval", 4)]
+    again = cli("train", QUICKSTART, "--output", str(out))
+    assert again.exit_code == 2 and "already holds a run; pass --resume" in again.stderr
+
+
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path):
+    straight = runner.resolve_run(QUICKSTART, "mlx", SHORT, str(tmp_path / "a"), None)
+    runner.train(straight, "mlx")
+
+    def ctrl_c_at_step_3(report, steps):
+        if report.step == 3 and report.kind == "train":
+            raise KeyboardInterrupt
+
+    interrupted = runner.resolve_run(QUICKSTART, "mlx", SHORT, str(tmp_path / "b"), None)
+    with pytest.raises(TrainingInterrupted) as stop:
+        runner.train(interrupted, "mlx", on_report=ctrl_c_at_step_3)
+    assert stop.value.checkpoint.endswith("step-0000003")
+    runner.train(runner.resolve_run(None, "mlx", (), None, str(tmp_path / "b")), "mlx")
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    # Every training step and the final validation match; the validation due at step 3 was cut by the Ctrl-C.
+    train_a, train_b = ([(s, loss) for k, s, loss in run if k == "train"] for run in (a, b))
+    assert [s for s, _ in train_b] == [s for s, _ in train_a] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in train_b] == pytest.approx([loss for _, loss in train_a], rel=1e-5)
+    assert b[-1][:2] == a[-1][:2] == ("eval", 6) and b[-1][2] == pytest.approx(a[-1][2], rel=1e-5)
+
+
+def test_translate_7b_recipe_runs_two_steps_with_the_tiny_model(tmp_path):
+    tiny = str(REPO / "recipes" / "models" / "tiny-llama-tr")
+    setup = runner.resolve_run(str(REPO / "recipes" / "translate_7b.toml"), "mlx",
+                               [f"model.path='{tiny}'", "train.steps=2", "train.epochs=0", "train.batch_size=2",
+                                "train.grad_accum=2", "peft.layers=2", "train.warmup_steps=1"],
+                               str(tmp_path / "run"), None)
+    assert setup.recipe.model.quantize_bits == 4 and setup.recipe.data.chat  # 4-bit QLoRA, chat template
+    summary = runner.train(setup, "mlx")
+    assert summary["steps"] == 2 and summary["final_train_loss"] > 0
+
+
+def test_resume_needs_a_run_dir(cli, tmp_path):
+    result = cli("train", "--resume", str(tmp_path))
+    assert result.exit_code == 2 and "not a run directory (no recipe.toml)" in result.stderr
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, steps=6)
+    assert [round(learning_rate(s, cfg, 6), 4) for s in range(1, 7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464]
+    assert total_steps(TrainConfig(epochs=2.0, grad_accum=2), micro_batches_per_epoch=5) == 6

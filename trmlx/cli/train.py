@@ -1,0 +1,62 @@
+"""`trmlx train RECIPE --backend mlx|cuda`: fine-tune with a live progress bar; Ctrl-C checkpoints and exits."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from trmlx.cli.common import console, emit, json_option, set_option
+
+
+@click.command("train")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default="mlx", show_default=True,
+              help="Framework to train with: mlx (Apple silicon, MLX CPU/CUDA builds) or cuda (torch).")
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default runs/<recipe-name>-<timestamp>).")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue the run in this directory from its latest checkpoint.")
+@set_option
+@json_option
+def train(recipe: str | None, backend: str, output: str | None, resume: str | None, overrides: tuple[str, ...],
+          as_json: bool) -> None:
+    """Fine-tune the model of RECIPE; writes metrics, checkpoints, the adapter and a loss plot to the run dir."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from trmlx import run as runner
+    from trmlx.errors import TrainingInterrupted
+
+    setup = runner.resolve_run(recipe, backend, overrides, output, resume)
+    out = console() if not as_json else console().__class__(file=sys.stderr)
+    progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=out, transient=False, disable=as_json)
+    task = progress.add_task("train", total=None, info="loading model and data…")
+    valid = ""
+
+    def on_start(info: dict) -> None:
+        progress.update(task, total=info["steps"])
+        out.print(f"run {info['run']}: {info['train_examples']} training examples, {info['valid_examples']} "
+                  f"validation, {info['steps']} steps on {info['device']} ({info['truncated']} truncated, "
+                  f"{info['dropped_too_long']} dropped at max_length)")
+
+    def on_report(report, steps: int) -> None:
+        nonlocal valid
+        if report.kind == "eval":
+            valid = f" | valid {report.loss:.3f}"
+            return
+        progress.update(task, completed=report.step, info=(
+            f"loss {report.loss:.3f}{valid} | lr {report.learning_rate:.2e} | {report.tokens_per_second:,.0f} "
+            f"tok/s | peak {report.peak_memory_gb:.2f} GB"))
+
+    try:
+        with progress:
+            summary = runner.train(setup, backend, on_report, on_start)
+    except TrainingInterrupted as stop:
+        click.echo(f"interrupted: checkpoint saved at {stop.checkpoint}; continue with "
+                   f"trmlx train --resume {setup.run.path} --backend {backend}", err=True)
+        sys.exit(130)
+    emit(summary, as_json, lambda s: out.print(
+        f"done: adapter {s['adapter']}, loss plot {s['plot']}, final train loss {s['final_train_loss']:.4f}"
+        + (f", validation loss {s['final_valid_loss']:.4f}" if s["final_valid_loss"] is not None else "")))
