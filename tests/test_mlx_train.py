@@ -36,6 +36,9 @@ def test_quickstart_trains_and_writes_the_run_dir(cli, tmp_path):
         assert (out / name).exists(), name
     assert json.loads((out / "environment.json").read_text())["backend"] == "mlx"
     assert [(k, s) for k, s, _ in losses(out)] == [("train", 2), ("train", 4), ("eval", 4)]
+    evaluated = cli("eval", str(out), "--max-samples", "4", "--json")  # the run's own adapter loads back
+    assert evaluated.exit_code == 0, evaluated.output
+    assert {"bleu", "chrf"} <= set(json.loads(evaluated.stdout)["metrics"])
     again = cli("train", QUICKSTART, "--output", str(out))
     assert again.exit_code == 2 and "already holds a run; pass --resume" in again.stderr
 

@@ -25,6 +25,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
+_WRAPPERS = (LoRALinear, DoRALinear)
 
 
 def layer_indices(model: nn.Module, last_n: int) -> list[int]:
@@ -40,7 +41,10 @@ def target_keys(model: nn.Module, targets: str | list[str]) -> list[str]:
 
     Like PEFT, a target matches a module whose path ends with it; 'all-linear' takes every linear of the block.
     """
-    linears = [name for name, module in model.layers[0].named_modules() if isinstance(module, _LINEAR)]
+    # Once a block is wrapped, its linears live at `q_proj.linear`: count the wrapper, not the wrapped layer.
+    modules = dict(model.layers[0].named_modules())
+    linears = [name for name, module in modules.items() if isinstance(module, _LINEAR + _WRAPPERS)
+               and not isinstance(modules.get(name.rpartition(".")[0]), _WRAPPERS)]
     if targets == "all-linear":
         return sorted(linears)
     wanted = [targets] if isinstance(targets, str) else list(targets)

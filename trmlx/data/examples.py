@@ -73,8 +73,7 @@ def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any) -> tuple
     data = recipe.data
     for record in records:
         prompt, target = format_example(record, recipe, tokenizer)
-        # A chat template already holds BOS; plain text gets the tokenizer's usual special tokens.
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=not _has_bos(prompt, tokenizer))
+        prompt_ids = encode_prompt(prompt, tokenizer)
         target_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
         if recipe.task == "seq2seq":
             long = len(prompt_ids) > data.max_length or len(target_ids) > data.max_target_length
@@ -96,6 +95,12 @@ def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any) -> tuple
             ids = ids[: data.max_length]
         examples.append(Example(tuple(ids), len(prompt_ids), (), record.task))
     return examples, stats
+
+
+def encode_prompt(prompt: str, tokenizer: Any) -> list[int]:
+    """Prompt ids as training saw them (eval and generate reuse this): a chat template already holds BOS; plain
+    text gets the tokenizer's usual special tokens."""
+    return tokenizer.encode(prompt, add_special_tokens=not _has_bos(prompt, tokenizer))
 
 
 def _has_bos(text: str, tokenizer: Any) -> bool:
