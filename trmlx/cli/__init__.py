@@ -36,8 +36,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from trmlx.cli import check, env, plot, recipe_cmd, score, train
-    from trmlx.cli import eval_cmd, generate_cmd
+    from trmlx.cli import check, env, eval_cmd, export_cmd, generate_cmd, plot, recipe_cmd, score, train
 
     main.add_command(env.env)
     main.add_command(recipe_cmd.recipe)
@@ -47,6 +46,7 @@ def _register() -> None:
     main.add_command(train.train)
     main.add_command(eval_cmd.eval_command)
     main.add_command(generate_cmd.generate)
+    main.add_command(export_cmd.export)
 
 
 _register()

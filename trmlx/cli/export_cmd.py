@@ -1,0 +1,63 @@
+"""`trmlx export RUN_DIR OUT_DIR`: merge the run's LoRA/DoRA adapter into the base weights (dequantising a
+quantised base) and write a Hugging Face model folder that transformers and mlx-lm load without peft.
+The backend is imported only when it runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from trmlx.cli.common import console, emit, json_option, set_option
+from trmlx.errors import UserError
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _render(result: dict[str, Any]) -> None:
+    out = console()
+    what = f"{result['method']} adapter (r={result['rank']}, alpha={result['alpha']:g})"
+    out.print(f"merged {what} into {result['merged_layers']} linear layers of {result['base']}"
+              f"{', dequantised' if result['dequantized'] else ''}", highlight=False)
+    out.print(f"wrote {result['out']}: {result['parameters']:,} parameters, {result['dtype']}, "
+              f"{result['bytes'] / 2**20:,.1f} MiB ({', '.join(result['files'])})", highlight=False)
+    if result["dropped"]:
+        shown = ", ".join(result["dropped"][:3]) + (" ..." if len(result["dropped"]) > 3 else "")
+        out.print(f"[yellow]note: {len(result['dropped'])} tensors of the base checkpoint have no counterpart in "
+                  f"the MLX model and were not exported: {shown}[/yellow]", highlight=False)
+
+
+@click.command("export")
+@click.argument("target", metavar="RUN_DIR")
+@click.argument("out_dir", metavar="OUT_DIR", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Dtype of the written weights (default: the base model's dtype from its config.json, else fp16).")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="PEFT adapter folder to merge (default RUN_DIR/adapter; required when RUN_DIR is a recipe file).")
+@click.option("--backend", type=click.Choice(["mlx"]), default="mlx", show_default=True,
+              help="Framework that merges (a PEFT adapter from a CUDA run merges on MLX as well).")
+@set_option
+@json_option
+def export(target: str, out_dir: str, dtype: str | None, adapter: str | None, backend: str,
+           overrides: tuple[str, ...], as_json: bool) -> None:
+    """Merge the adapter into the base model and write an HF model folder (config.json, safetensors, tokenizer).
+
+    The base loads as the run's recipe loads it; a quantised base is dequantised, so OUT_DIR holds plain
+    fp16/bf16/fp32 weights. OUT_DIR must not exist or be empty."""
+    from pathlib import Path
+
+    from trmlx.backend import get_backend
+    from trmlx.cli.eval_cmd import resolve_target
+
+    resolved = resolve_target(target, adapter, backend, overrides)
+    if resolved.adapter is None:
+        raise UserError(f"{target}: nothing to merge; give a run directory, or a recipe file with --adapter DIR")
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out}: output folder is not empty; choose a new folder or remove it first")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose a new output folder")
+    get_backend(resolved.backend)  # a missing mlx install is a one-line error
+    from trmlx.backends.mlx.export import export_model
+
+    emit(export_model(resolved.recipe, resolved.adapter, out, dtype), as_json, _render)
