@@ -84,3 +84,86 @@ def test_schedule_warmup_then_cosine():
     cfg = TrainConfig(lr=1.0, warmup_steps=2, steps=6)
     assert [round(learning_rate(s, cfg, 6), 4) for s in range(1, 7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464]
     assert total_steps(TrainConfig(epochs=2.0, grad_accum=2), micro_batches_per_epoch=5) == 6
+
+
+def _short_run(tmp_path, name, extra=()):
+    setup = runner.resolve_run(QUICKSTART, "mlx", SHORT + list(extra), str(tmp_path / name), None)
+    runner.train(setup, "mlx")
+    return losses(tmp_path / name)
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(tmp_path):
+    plain = _short_run(tmp_path, "plain")
+    checkpointed = _short_run(tmp_path, "ckpt", ["train.grad_checkpoint=true"])
+    assert [loss for *_, loss in checkpointed] == pytest.approx([loss for *_, loss in plain], rel=1e-5)
+
+
+def test_accumulation_equals_a_bigger_batch(tmp_path, write):
+    """Token-weighted accumulation: 2 micro-batches of 2 give exactly the update of one batch of 4."""
+    rows = [{"source": "Good morning.", "target": "Günaydın."},
+            {"source": "Where is the station?", "target": "İstasyon nerede?"},
+            {"source": "I like tea very much.", "target": "Çayı çok severim."},
+            {"source": "Thank you.", "target": "Teşekkür ederim."}]
+    data = write("four.jsonl", rows)
+    common = [f"data.train='{data}'", f"data.valid='{data}'", f"data.test='{data}'", "train.steps=3",
+              "train.warmup_steps=0", "train.eval_every=0"]
+    one = _short_run(tmp_path, "one", common + ["train.batch_size=4", "train.grad_accum=1"])
+    two = _short_run(tmp_path, "two", common + ["train.batch_size=2", "train.grad_accum=2"])
+    assert [s for k, s, _ in one if k == "train"] == [1, 2, 3]
+    assert [loss for *_, loss in two] == pytest.approx([loss for *_, loss in one], rel=1e-5)
+    assert one[1][2] != pytest.approx(one[0][2], rel=1e-3)  # the updates really changed the model
+
+
+def test_adafactor_trains(tmp_path):
+    run = _short_run(tmp_path, "ada", ["train.optimizer='adafactor'"])
+    assert all(loss == loss and loss > 0 for *_, loss in run)  # finite, positive
+
+
+def test_nan_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    from trmlx.backends.mlx import train as mlx_train
+    from trmlx.errors import UserError
+
+    real = mlx_train.token_loss
+    calls = {"n": 0}
+
+    def poisoned(model, inputs, targets, mask):
+        calls["n"] += 1
+        loss, count = real(model, inputs, targets, mask)
+        return (loss * mx.array(float("nan")) if calls["n"] > 6 else loss), count
+
+    monkeypatch.setattr(mlx_train, "token_loss", poisoned)  # steps 1-6 are fine (batch calls), then NaN
+    setup = runner.resolve_run(QUICKSTART, "mlx", SHORT + ["train.steps=10", "train.eval_every=0"],
+                               str(tmp_path / "nan"), None)
+    with pytest.raises(UserError) as err:
+        runner.train(setup, "mlx")
+    (message,) = err.value.problems
+    assert message.startswith("train: loss became nan at step 7; stopped without saving this step (last good "
+                              "checkpoint: ")
+    assert message.rstrip().endswith('or model.dtype = "fp32"') and "step-0000006" in message
+    assert (tmp_path / "nan" / "checkpoints" / "latest").read_text() == "step-0000006"
+    assert [s for k, s, _ in losses(tmp_path / "nan")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_prequantised_checkpoint_is_loaded_not_requantised(tmp_path):
+    import shutil
+
+    import mlx.nn as nn
+    from mlx_lm.utils import load, quantize_model, save_config, save_model
+
+    from trmlx.backends.mlx.model import load as trmlx_load
+    from trmlx.recipe import load_recipe
+
+    tiny = REPO / "recipes" / "models" / "tiny-llama-tr"
+    model, tokenizer, config = load(str(tiny), return_config=True)
+    model, config = quantize_model(model, config, group_size=64, bits=4)
+    out = tmp_path / "q4"
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, out / name)
+    recipe = load_recipe(QUICKSTART, [f"model.path='{out}'", "model.quantize_bits=4"])
+    loaded = trmlx_load(recipe)
+    q = loaded.model.layers[0].self_attn.q_proj.linear
+    assert isinstance(q, nn.QuantizedLinear) and q.bits == 4 and q.group_size == 64
