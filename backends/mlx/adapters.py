@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
+from trmlx.adapter_init import lora_a_init
 from trmlx.errors import UserError
 from trmlx.recipe.schema import PeftConfig
 from trmlx.rundir import atomic_write
@@ -56,8 +57,10 @@ def target_keys(model: nn.Module, targets: str | list[str]) -> list[str]:
     return sorted(n for n in linears if any(n == t or n.endswith("." + t) for t in wanted))
 
 
-def apply_lora(model: nn.Module, peft: PeftConfig) -> list[str]:
-    """Freeze the model and wrap the targeted linears in LoRA (or DoRA) layers; return their full paths."""
+def apply_lora(model: nn.Module, peft: PeftConfig, seed: int = 0) -> list[str]:
+    """Freeze the model and wrap the targeted linears in LoRA (or DoRA) layers; return their full paths.
+
+    A is drawn by the core's lora_a_init (same start as the CUDA backend for the same seed), B is zero."""
     if peft.method not in ("lora", "dora"):
         raise UserError(f"peft.method: apply_lora handles lora and dora, not {peft.method!r}")
     model.freeze()
@@ -69,7 +72,12 @@ def apply_lora(model: nn.Module, peft: PeftConfig) -> list[str]:
                                              scale=peft.alpha / peft.rank))
                     for name, module in block.named_modules() if name in keys]
         block.update_modules(tree_unflatten(replaced))
-    return sorted(path for path, module in model.named_modules() if isinstance(module, (LoRALinear, DoRALinear)))
+    adapted = sorted(path for path, module in model.named_modules() if isinstance(module, _WRAPPERS))
+    modules = dict(model.named_modules())
+    model.update(tree_unflatten([
+        (f"{path}.lora_a", mx.array(lora_a_init(path, modules[path].lora_a.shape[0], peft.rank, seed).T))
+        for path in adapted]))
+    return adapted
 
 
 def _numpy(array: mx.array) -> np.ndarray:

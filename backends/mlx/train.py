@@ -58,7 +58,8 @@ def make_optimizer(recipe: Recipe) -> optim.Optimizer:
     train = recipe.train
     if train.optimizer == "adafactor":
         return optim.Adafactor(learning_rate=train.lr, relative_step=False, scale_parameter=False)
-    return optim.AdamW(learning_rate=train.lr, weight_decay=train.weight_decay)
+    # bias_correction: standard AdamW (torch's), which mlx leaves off by default.
+    return optim.AdamW(learning_rate=train.lr, weight_decay=train.weight_decay, bias_correction=True)
 
 
 def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example], valid_set: Sequence[Example],
