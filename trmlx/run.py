@@ -5,7 +5,6 @@ Everything here is backend-agnostic; the backend is imported by name only when t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -86,7 +85,6 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
 
 
 def _checkpoint_step(run: RunDir) -> int:
-    pointer = run.checkpoints / "latest"
-    if not pointer.is_file():
-        raise UserError(f"--resume {run.path}: no checkpoint found (expected {pointer})")
-    return json.loads((run.checkpoints / pointer.read_text().strip() / "state.json").read_text())["step"]
+    from trmlx.loop import Checkpoints
+
+    return Checkpoints(run).latest()[1].step
