@@ -56,6 +56,7 @@ def test_default_run_path_and_environment():
 def test_precision_policy(task, requested, bf16, expected):
     dtype, reason = choose_dtype(task, requested, bf16)
     assert dtype == expected and reason
+    assert choose_dtype(task, "auto", bf16, on_gpu=False)[0] == "fp32"
 
 
 def test_unknown_backend_is_a_user_error():

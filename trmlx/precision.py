@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 
-def choose_dtype(task: str, requested: str, bf16_supported: bool) -> tuple[str, str]:
+def choose_dtype(task: str, requested: str, bf16_supported: bool, on_gpu: bool = True) -> tuple[str, str]:
     """Return (dtype, reason). auto: bf16 where the hardware has it; else fp16 with loss scaling, except T5/mT5
     (seq2seq), whose activations overflow fp16: fp32 there."""
     if requested != "auto":
         if requested == "bf16" and not bf16_supported:
             return "fp32", "bf16 requested but this device has no bf16; using fp32"
         return requested, "set in the recipe (model.dtype)"
+    if not on_gpu:
+        return "fp32", "CPU: fp32 (half precision is slow and lossy on CPUs)"
     if bf16_supported:
         return "bf16", "bf16 is supported on this device"
     if task != "seq2seq":

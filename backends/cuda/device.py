@@ -19,7 +19,7 @@ def describe_device() -> dict[str, Any]:
                     capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
                     bf16=torch.cuda.is_bf16_supported())
     else:
-        info.update(kind="cpu", name="cpu", count=0, bf16=True)
+        info.update(kind="cpu", name="cpu", count=0, bf16=False)
     return info
 
 

@@ -1,0 +1,122 @@
+"""Load a causal LM with transformers (+ bitsandbytes 4/8-bit, decided here at load) and attach a peft adapter
+configured from the same recipe fields as the MLX backend: same targets, layers, alpha/r scaling and A init."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from trmlx.adapter_init import lora_a_init
+from trmlx.backend import LoadedModel
+from trmlx.errors import UserError
+from trmlx.precision import choose_dtype
+from trmlx.recipe.schema import PeftConfig, Recipe
+
+from trmlx.backends.cuda.device import describe_device
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PEFT_PREFIX = "base_model.model."
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
+    """Model + tokenizer on the GPU (or the CPU, with a notice), quantised per recipe, adapter attached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = recipe.model
+    info = describe_device()
+    if info["kind"] == "cpu":
+        print("trmlx: no CUDA GPU visible; the cuda backend runs on the CPU (slow, fp32)", file=sys.stderr)
+        if recipe.train.optimizer == "paged_adamw_8bit":
+            raise UserError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; none is visible (use adamw)")
+    dtype_name, reason = choose_dtype(recipe.task, cfg.dtype, info["bf16"], on_gpu=info["kind"] == "gpu")
+    dtype = DTYPES[dtype_name]
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": "sdpa"}
+    if cfg.quantize_bits:
+        kwargs["quantization_config"] = bnb_config(recipe, dtype)
+        kwargs["device_map"] = {"": device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise UserError(f"model.path: cannot load {cfg.path!r} ({str(err).splitlines()[0][:160]})") from None
+    if not cfg.quantize_bits:
+        model.to(device())
+    if tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
+        tokenizer.pad_token = tokenizer.eos_token
+    if recipe.train.grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft = recipe.peft
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    elif peft.method in ("lora", "dora"):
+        model = attach_lora(model, peft, recipe.train.seed)
+    elif peft.method == "full":
+        if cfg.quantize_bits:
+            raise UserError("peft.method: full fine-tuning needs unquantised weights")
+    else:
+        raise UserError(f"peft.method: {peft.method!r} is not available in the CUDA backend yet; use lora, dora "
+                        "or full")
+    return LoadedModel(model=model, tokenizer=tokenizer,
+                       handle={"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft,
+                               "base": cfg.path})
+
+
+def bnb_config(recipe: Recipe, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    cfg = recipe.model
+    if cfg.quantize_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    quant_type = "fp4" if cfg.quant_mode == "fp4" else "nf4"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def target_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
+    """Linear layers of the first block, named like the MLX backend names them (so 'all-linear' is the same
+    set on both backends); named targets must each match something."""
+    import bitsandbytes as bnb
+
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    blocks = model.get_decoder().layers
+    linears = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
+                      if isinstance(m, linear_types)})
+    if targets == "all-linear":
+        return linears
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    missing = [t for t in wanted if t.rsplit(".", 1)[-1] not in linears]
+    if missing:
+        raise UserError(f"peft.targets: {', '.join(repr(m) for m in missing)} matches no linear layer of this "
+                        f"model; its linear layers are {', '.join(linears)}")
+    return sorted({t.rsplit(".", 1)[-1] for t in wanted})
+
+
+def attach_lora(model: torch.nn.Module, peft_cfg: PeftConfig, seed: int) -> torch.nn.Module:
+    """peft LoRA/DoRA with PEFT scaling alpha/r; A from the core's seeded init, B zero (as on MLX)."""
+    from peft import LoraConfig, get_peft_model
+
+    total = len(model.get_decoder().layers)
+    if peft_cfg.layers > total:
+        raise UserError(f"peft.layers: requested to adapt {peft_cfg.layers} layers but the model only has {total}")
+    layers = list(range(total - peft_cfg.layers, total)) if peft_cfg.layers else None
+    config = LoraConfig(r=peft_cfg.rank, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
+                        target_modules=target_names(model, peft_cfg.targets), layers_to_transform=layers,
+                        use_dora=peft_cfg.method == "dora", task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                path = name.removeprefix(_PEFT_PREFIX)
+                weight = module.lora_A["default"].weight
+                init = lora_a_init(path, weight.shape[1], peft_cfg.rank, seed)
+                weight.copy_(torch.from_numpy(init).to(weight.dtype))
+    return model

@@ -1,0 +1,164 @@
+"""The torch training loop: the MLX loop's twin. Batches, masks, LR curve, checkpoint layout and reports come
+from the core; this file does forward/backward (with fp16 loss scaling where the policy says fp16) and updates.
+
+Loss: token-weighted mean over all target tokens of an optimizer step, as on MLX.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from trmlx.backend import LoadedModel
+from trmlx.data.examples import Example, bucket_batches, collate_causal
+from trmlx.errors import TrainingInterrupted, UserError
+from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged
+from trmlx.recipe.schema import Recipe
+from trmlx.report import StepReport
+from trmlx.rundir import RunDir
+from trmlx.schedule import learning_rate, total_steps
+
+from trmlx.backends.cuda.device import memory
+from trmlx.backends.cuda.model import DTYPES, device
+
+
+def _tensors(arrays: dict, names: Sequence[str]) -> list[torch.Tensor]:
+    return [torch.from_numpy(arrays[k]).to(device()) for k in names]
+
+
+def token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step)."""
+    # Attention over padding is harmless: padding sits at the end (right-padded) and is masked out of the loss.
+    logits = model(input_ids=inputs.long()).logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.long(), reduction="none")
+    return (ce * mask).sum(), mask.sum()
+
+
+def autocast(loaded: LoadedModel):
+    dtype = loaded.handle["dtype"]
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device().type, dtype=DTYPES[dtype])
+
+
+@torch.no_grad()
+def evaluate_loss(loaded: LoadedModel, examples: Sequence[Example], batch_size: int,
+                  max_batches: int = 0) -> dict[str, float]:
+    """Mean NLL per target token over the examples (batched by length, no shuffle)."""
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    batches = bucket_batches([len(e.input_ids) for e in examples], batch_size, seed=0, shuffle=False)
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0.0
+    for batch in batches[:max_batches] if max_batches else batches:
+        arrays = collate_causal([examples[i] for i in batch], pad)
+        with autocast(loaded):
+            loss, count = token_loss(model, *_tensors(arrays, ("inputs", "targets", "mask")))
+        total, tokens = total + loss.item(), tokens + count.item()
+    model.train(was_training)
+    return {"loss": total / max(tokens, 1.0), "tokens": tokens}
+
+
+def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    train = recipe.train
+    if train.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=train.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=1e-8, betas=(0.9, 0.999))
+
+
+def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example], valid_set: Sequence[Example],
+               run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
+    """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
+    model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
+    if not train_set:
+        raise UserError("data.train: no training examples left after checks and truncation")
+    checkpoints = Checkpoints(RunDir(Path(run_dir)))
+    lengths = [len(e.input_ids) for e in train_set]
+    steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
+    schedule = Schedule(cfg, steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, params)
+    # fp16 has too little range for small gradients: scale the loss (T4/P100 policy). bf16/fp32 need none.
+    scaler = torch.amp.GradScaler(device().type, enabled=loaded.handle["dtype"] == "fp16")
+    position, last_checkpoint, step, step_start = Position(), None, 0, (0, 0)
+    if resume:
+        last_checkpoint, position = checkpoints.latest()
+        restore_state(last_checkpoint, model, optimizer, scaler)
+    batches = BatchCursor(lengths, cfg.batch_size, cfg.seed, position)
+    window = ReportWindow(position)
+    model.train()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while position.step < steps:
+            step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
+            step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
+            torch.manual_seed(cfg.seed * 1_000_003 + position.step)  # dropout masks depend on (seed, step) only
+            micro = []
+            for _ in range(cfg.grad_accum):
+                micro.append(collate_causal([train_set[i] for i in batches.next()], pad))
+            token_sum = float(sum(m["mask"].sum() for m in micro))
+            loss_sum = 0.0
+            for arrays in micro:
+                with autocast(loaded):
+                    loss, _ = token_loss(model, *_tensors(arrays, ("inputs", "targets", "mask")))
+                scaler.scale(loss / token_sum).backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise diverged(loss_sum, step, cfg.lr, last_checkpoint)
+            scaler.unscale_(optimizer)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            position.step = step
+            window.add(loss_sum, token_sum)
+            if schedule.log(step):
+                yield window.report(step, batches.epoch, lr, memory().peak / 1e9)
+            if valid_set and schedule.validate(step):
+                result = evaluate_loss(loaded, valid_set, cfg.batch_size, cfg.max_eval_batches)
+                yield StepReport(step=step, epoch=batches.epoch, loss=result["loss"], kind="eval",
+                                 trained_tokens=position.trained_tokens, peak_memory_gb=memory().peak / 1e9,
+                                 elapsed_seconds=position.elapsed_seconds)
+                window.restart_clock()
+            if schedule.save(step):
+                last_checkpoint = checkpoints.save(position, lambda f: save_state(f, model, optimizer, scaler))
+    except KeyboardInterrupt:
+        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; the last full step is kept
+        if position.step < step:
+            position.epoch, position.cursor = step_start
+        folder = checkpoints.save(position, lambda f: save_state(f, model, optimizer, scaler))
+        raise TrainingInterrupted(str(folder)) from None
+
+
+def save_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler) -> None:
+    """Trainable weights, optimizer and loss-scaler state (no RNG: reseeded from (seed, step) every step)."""
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+               folder / "state.pt")
+
+
+def restore_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler) -> None:
+    state = torch.load(folder / "state.pt", map_location=device(), weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
