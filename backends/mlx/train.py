@@ -82,7 +82,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
 
     micro_step = mx.compile(micro_step, inputs=state, outputs=state)  # retraced once per new batch shape
 
-    position, last_checkpoint = Position(), None
+    position, last_checkpoint, step, step_start = Position(), None, 0, (0, 0)
     if resume:
         last_checkpoint, position = checkpoints.latest()
         restore_state(last_checkpoint, model, optimizer)
@@ -91,6 +91,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     mx.reset_peak_memory()
     try:
         while position.step < steps:
+            step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
+            step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
             # The dropout RNG is a function of (seed, step), so a resumed run draws exactly the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + position.step)
             grads, loss_sum, token_sum = None, mx.array(0.0), mx.array(0.0)
@@ -99,16 +101,16 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
                 (loss, count), g = micro_step(*(mx.array(arrays[k]) for k in ("inputs", "targets", "mask")))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum, token_sum = loss_sum + loss, token_sum + count
-            position.step += 1
-            step, lr = position.step, learning_rate(position.step, cfg, steps)
             grads = tree_map(lambda g: g / token_sum, grads)
             if cfg.grad_clip:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-            optimizer.learning_rate = lr
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, loss_sum, token_sum)
+            mx.eval(loss_sum, token_sum)
             if not math.isfinite(loss_sum.item()):
                 raise diverged(loss_sum.item(), step, cfg.lr, last_checkpoint)
+            optimizer.learning_rate = lr
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            position.step = step
             window.add(loss_sum.item(), token_sum.item())
             if schedule.log(step):
                 yield window.report(step, batches.epoch, lr, mx.get_peak_memory() / 1e9)
@@ -121,7 +123,9 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda folder: save_state(folder, model, optimizer))
     except KeyboardInterrupt:
-        # Updates are evaluated before the loop goes on, so the last completed step is consistent: save it.
+        # Save the last completed step: a step is complete once its update is evaluated and position.step set.
+        if position.step < step:
+            position.epoch, position.cursor = step_start
         folder = checkpoints.save(position, lambda folder: save_state(folder, model, optimizer))
         raise TrainingInterrupted(str(folder)) from None
 
