@@ -5,6 +5,7 @@ Everything here is backend-agnostic; the backend is imported by name only when t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,10 +13,12 @@ from typing import Callable, Sequence
 from trmlx.backend import get_backend
 from trmlx.data import prepare_data
 from trmlx.data.examples import tokenize
+from trmlx.distributed import is_main, world_size
 from trmlx.errors import UserError
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
 from trmlx.report import MetricsLogger, StepReport, plot_losses
 from trmlx.rundir import RunDir, create_run_dir, default_run_path, environment_record
+from trmlx.schedule import total_steps
 
 
 @dataclass
@@ -52,13 +55,13 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
     valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer)
     device = backend.memory().device
     env = environment_record(backend=backend_name, device={"name": device})
-    create_run_dir(run.path, recipe_to_toml(recipe), env, resume=setup.resume)
-    logger = MetricsLogger(run.metrics)
+    main = is_main()  # in a data-parallel launch only rank 0 writes files
+    if main:
+        create_run_dir(run.path, recipe_to_toml(recipe), env, resume=setup.resume)
+    logger = MetricsLogger(run.metrics, enabled=main)
     if setup.resume:
         logger.truncate_after(_checkpoint_step(run))
-    from trmlx.schedule import total_steps
-
-    steps = total_steps(recipe.train, -(-len(train_set) // recipe.train.batch_size))
+    steps = total_steps(recipe.train, math.ceil(len(train_set) / recipe.train.batch_size / world_size()))
     if on_start:
         on_start({"run": str(run.path), "steps": steps, "train_examples": len(train_set),
                   "valid_examples": len(valid_set), "truncated": train_stats["truncated"],
@@ -76,8 +79,9 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
         # complete, so it checkpoints that step and raises TrainingInterrupted.
         reports.throw(KeyboardInterrupt())
         raise
-    backend.save_adapter(loaded, run.adapter)
-    plot_losses(run.metrics, run.plots / "loss.png", title=f"{recipe.name} ({backend_name})")
+    if main:
+        backend.save_adapter(loaded, run.adapter)
+        plot_losses(run.metrics, run.plots / "loss.png", title=f"{recipe.name} ({backend_name})")
     return {"run": str(run.path), "steps": steps, "adapter": str(run.adapter),
             "final_train_loss": last["train"].loss if "train" in last else None,
             "final_valid_loss": last["eval"].loss if "eval" in last else None,

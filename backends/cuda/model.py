@@ -3,6 +3,7 @@ configured from the same recipe fields as the MLX backend: same targets, layers,
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from trmlx.adapter_init import lora_a_init
 from trmlx.backend import LoadedModel
+from trmlx.distributed import is_main
 from trmlx.errors import UserError
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import PeftConfig, Recipe
@@ -21,19 +23,25 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its LOCAL_RANK GPU in a data-parallel launch, else GPU 0, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     """Model + tokenizer on the GPU (or the CPU, with a notice), quantised per recipe, adapter attached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trmlx.backends.cuda.distributed import ensure_process_group
+
+    ensure_process_group()
     cfg = recipe.model
     info = describe_device()
-    if info["kind"] == "cpu":
+    if info["kind"] == "cpu" and is_main():
         print("trmlx: no CUDA GPU visible; the cuda backend runs on the CPU (slow, fp32)", file=sys.stderr)
-        if recipe.train.optimizer == "paged_adamw_8bit":
-            raise UserError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; none is visible (use adamw)")
+    if info["kind"] == "cpu" and recipe.train.optimizer == "paged_adamw_8bit":
+        raise UserError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; none is visible (use adamw)")
     dtype_name, reason = choose_dtype(recipe.task, cfg.dtype, info["bf16"], on_gpu=info["kind"] == "gpu")
     dtype = DTYPES[dtype_name]
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": "sdpa"}

@@ -15,6 +15,8 @@ import torch
 
 from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate_causal
+from trmlx.distributed import is_main, world_size
+from trmlx.distributed import rank as distributed_rank
 from trmlx.errors import TrainingInterrupted, UserError
 from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged
 from trmlx.recipe.schema import Recipe
@@ -22,6 +24,7 @@ from trmlx.report import StepReport
 from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate, total_steps
 
+from trmlx.backends.cuda import distributed
 from trmlx.backends.cuda.device import memory
 from trmlx.backends.cuda.model import DTYPES, device
 
@@ -85,7 +88,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
         raise UserError("data.train: no training examples left after checks and truncation")
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
     lengths = [len(e.input_ids) for e in train_set]
-    steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
+    # A data-parallel step consumes world × grad_accum micro-batches.
+    steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size / world_size()))
     schedule = Schedule(cfg, steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params)
@@ -96,6 +100,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
         last_checkpoint, position = checkpoints.latest()
         restore_state(last_checkpoint, model, optimizer, scaler)
     batches = BatchCursor(lengths, cfg.batch_size, cfg.seed, position)
+    rank, world = distributed_rank(), world_size()
     window = ReportWindow(position)
     model.train()
     if torch.cuda.is_available():
@@ -105,16 +110,18 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
             torch.manual_seed(cfg.seed * 1_000_003 + position.step)  # dropout masks depend on (seed, step) only
-            micro = []
-            for _ in range(cfg.grad_accum):
-                micro.append(collate_causal([train_set[i] for i in batches.next()], pad))
-            token_sum = float(sum(m["mask"].sum() for m in micro))
+            # All ranks walk the same order; this rank takes every world-th micro-batch of the step.
+            step_batches = [batches.next() for _ in range(cfg.grad_accum * world)]
+            micro = [collate_causal([train_set[i] for i in b], pad) for b in step_batches[rank::world]]
+            token_sum = distributed.sum_scalar(float(sum(m["mask"].sum() for m in micro)))
             loss_sum = 0.0
             for arrays in micro:
                 with autocast(loaded):
                     loss, _ = token_loss(model, *_tensors(arrays, ("inputs", "targets", "mask")))
                 scaler.scale(loss / token_sum).backward()
                 loss_sum += loss.item()
+            loss_sum = distributed.sum_scalar(loss_sum)
+            distributed.sum_gradients(params)
             if not math.isfinite(loss_sum):
                 raise diverged(loss_sum, step, cfg.lr, last_checkpoint)
             scaler.unscale_(optimizer)
@@ -136,13 +143,22 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
                                  elapsed_seconds=position.elapsed_seconds)
                 window.restart_clock()
             if schedule.save(step):
-                last_checkpoint = checkpoints.save(position, lambda f: save_state(f, model, optimizer, scaler))
+                last_checkpoint = save(checkpoints, position, model, optimizer, scaler)
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; the last full step is kept
         if position.step < step:
             position.epoch, position.cursor = step_start
+        raise TrainingInterrupted(str(save(checkpoints, position, model, optimizer, scaler))) from None
+
+
+def save(checkpoints: Checkpoints, position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler) -> Path:
+    """Rank 0 writes the checkpoint (all ranks hold the same weights); the others wait until it is on disk."""
+    folder = checkpoints.root / f"step-{position.step:07d}"
+    if is_main():
         folder = checkpoints.save(position, lambda f: save_state(f, model, optimizer, scaler))
-        raise TrainingInterrupted(str(folder)) from None
+    distributed.barrier()
+    return folder
 
 
 def save_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

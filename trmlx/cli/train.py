@@ -25,21 +25,23 @@ def train(recipe: str | None, backend: str, output: str | None, resume: str | No
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from trmlx import run as runner
+    from trmlx.distributed import is_main
     from trmlx.errors import TrainingInterrupted
 
     setup = runner.resolve_run(recipe, backend, overrides, output, resume)
     out = console() if not as_json else console().__class__(file=sys.stderr)
     progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=out, transient=False, disable=as_json)
+                        TimeRemainingColumn(), console=out, transient=False, disable=as_json or not is_main())
     task = progress.add_task("train", total=None, info="loading model and data…")
     valid = ""
 
     def on_start(info: dict) -> None:
         progress.update(task, total=info["steps"])
-        out.print(f"run {info['run']}: {info['train_examples']} training examples, {info['valid_examples']} "
-                  f"validation, {info['steps']} steps on {info['device']} ({info['truncated']} truncated, "
-                  f"{info['dropped_too_long']} dropped at max_length)")
+        if is_main():
+            out.print(f"run {info['run']}: {info['train_examples']} training examples, {info['valid_examples']} "
+                      f"validation, {info['steps']} steps on {info['device']} ({info['truncated']} truncated, "
+                      f"{info['dropped_too_long']} dropped at max_length)")
 
     def on_report(report, steps: int) -> None:
         nonlocal valid
@@ -57,6 +59,8 @@ def train(recipe: str | None, backend: str, output: str | None, resume: str | No
         click.echo(f"interrupted: checkpoint saved at {stop.checkpoint}; continue with "
                    f"trmlx train --resume {setup.run.path} --backend {backend}", err=True)
         sys.exit(130)
+    if not is_main():
+        return  # in a data-parallel launch rank 0 reports for everyone
     emit(summary, as_json, lambda s: out.print(
         f"done: adapter {s['adapter']}, loss plot {s['plot']}, final train loss {s['final_train_loss']:.4f}"
         + (f", validation loss {s['final_valid_loss']:.4f}" if s["final_valid_loss"] is not None else "")))
