@@ -39,8 +39,11 @@ class MLXBackend:
         return iter(generate_tokens(loaded, prompts, settings))
 
     def save_adapter(self, loaded: LoadedModel, path: Path) -> None:
+        from trmlx.backends.mlx import virtual_tokens
         from trmlx.backends.mlx.adapters import peft_config, save_adapter
 
+        if isinstance(loaded.model, virtual_tokens.VirtualTokenModel):  # prompt/prefix tuning
+            return virtual_tokens.save(loaded.model, path, loaded.handle["base"])
         save_adapter(loaded.model, path, peft_config(loaded.handle["peft"], loaded.model, loaded.handle["base"]))
 
     def memory(self) -> MemoryStats:

@@ -107,7 +107,10 @@ class _Stepper:
         ids, attention = left_pad(prompts, 0 if pad_id is None else pad_id)
         self.ids = ids
         padding = (attention.shape[1] - attention.sum(axis=1)).tolist()
-        self.cache = [_batched(c, padding) for c in make_prompt_cache(self.model)]
+        # Prompt/prefix tuning (virtual_tokens.VirtualTokenModel) start every row's cache with the virtual tokens.
+        make_batch_cache = getattr(self.model, "make_batch_cache", None)
+        self.cache = (make_batch_cache(padding) if make_batch_cache is not None
+                      else [_batched(c, padding) for c in make_prompt_cache(self.model)])
         self.sampler = make_sampler(settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
         penalty = settings.repetition_penalty
         self.processors = make_logits_processors(repetition_penalty=penalty) if penalty != 1.0 else []

@@ -12,11 +12,13 @@ from trmlx.backend import LoadedModel
 from trmlx.errors import UserError
 from trmlx.recipe.schema import Recipe
 
+from trmlx.backends.mlx import virtual_tokens
 from trmlx.backends.mlx.adapters import apply_lora, load_adapter
 
 
 def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
-    """Model + HF tokenizer; quantised per recipe; a new LoRA/DoRA from the recipe or a saved PEFT adapter."""
+    """Model + HF tokenizer; quantised per recipe; a new LoRA/DoRA/prompt/prefix adapter from the recipe or a saved
+    PEFT adapter (prompt/prefix tuning return a wrapper model: virtual_tokens.VirtualTokenModel)."""
     from mlx_lm.utils import _download, load_model, load_tokenizer
 
     model_cfg = recipe.model
@@ -40,15 +42,20 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         hf_tokenizer.pad_token = hf_tokenizer.eos_token
     peft = recipe.peft
     mx.random.seed(recipe.train.seed)  # LoRA's A matrices are random: the same seed gives the same start
-    if adapter is not None:
+    if adapter is not None and virtual_tokens.adapter_type(adapter) in virtual_tokens.PEFT_TYPES.values():
+        model = virtual_tokens.load(model, config, adapter)  # prompt/prefix: a wrapper around the frozen model
+        peft = model.peft_settings()
+    elif adapter is not None:
         peft = load_adapter(model, adapter)  # the adapter's own rank/alpha/targets, not the recipe's
     elif peft.method in ("lora", "dora"):
-        apply_lora(model, peft)
+        apply_lora(model, peft, seed=recipe.train.seed)
+    elif peft.method in ("prompt", "prefix"):
+        model = virtual_tokens.attach(model, config, peft, hf_tokenizer)
     elif peft.method == "full":
         model.unfreeze()
     else:
         raise UserError(f"peft.method: {peft.method!r} is not available in the MLX backend yet; use lora, "
-                        "dora or full")
+                        "dora, prefix, prompt or full")
     return LoadedModel(model=model, tokenizer=hf_tokenizer,
                        handle={"path": str(path), "config": config, "peft": peft, "base": model_cfg.path})
 

@@ -98,7 +98,7 @@ def _render(result: dict[str, Any]) -> None:
 
 
 @click.command("eval")
-@click.argument("target", metavar="RUN_DIR|RECIPE")
+@click.argument("targets", nargs=-1, required=True, metavar="RUN_DIR|RECIPE...")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="PEFT adapter folder (default RUN_DIR/adapter; with a RECIPE and no --adapter: the base model).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
@@ -111,23 +111,42 @@ def _render(result: dict[str, Any]) -> None:
               help="Prompts per batched generation (default eval.batch_size).")
 @click.option("--output", type=click.Path(file_okay=False), default=None,
               help="Folder for predictions/<split>.jsonl and eval_<split>.json (default: RUN_DIR; with a RECIPE "
-                   "runs/<name>-eval-<timestamp>).")
+                   "runs/<name>-eval-<timestamp>; with --compare runs/compare-<timestamp>).")
+@click.option("--compare", is_flag=True,
+              help="Compare RUN_A RUN_B ... on the same split: every metric side by side, with paired bootstrap "
+                   "differences to the first (95% interval, p-value), as a table, JSON and PNG.")
+@click.option("--base", "with_base", is_flag=True,
+              help="With --compare: add the first run's base model (no adapter) as the reference system.")
 @set_option
 @json_option
-def eval_command(target: str, adapter: str | None, backend: str | None, split: str, max_samples: int | None,
-                 batch_size: int | None, output: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+def eval_command(targets: tuple[str, ...], adapter: str | None, backend: str | None, split: str,
+                 max_samples: int | None, batch_size: int | None, output: str | None, compare: bool,
+                 with_base: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     """Generate on a split and score it: BLEU/chrF (or the recipe's metrics), loss and perplexity."""
+    if compare:
+        _compare(targets, backend, split, max_samples, batch_size, output, with_base, overrides, as_json)
+        return
+    if len(targets) != 1 or with_base:
+        raise UserError("eval: give one RUN_DIR or RECIPE (several only with --compare; --base only with --compare)")
+    resolved = resolve_target(targets[0], adapter, backend, overrides)
+    from trmlx.rundir import RunDir, default_run_path
+
+    out_dir = RunDir(Path(output) if output else resolved.run.path if resolved.run
+                     else default_run_path(f"{resolved.recipe.name}-eval"))
+    emit(_evaluate(resolved, split, max_samples, batch_size, out_dir, split, as_json), as_json, _render)
+
+
+def _evaluate(resolved: Target, split: str, max_samples: int | None, batch_size: int | None, out_dir: "RunDir",
+              name: str, quiet: bool) -> dict[str, Any]:
+    """Evaluate one target; writes out_dir/predictions/<name>.jsonl and out_dir/eval_<name>.json."""
     from trmlx.backend import get_backend
     from trmlx.data import prepare_data
     from trmlx.evaluate import evaluate_split
-    from trmlx.rundir import RunDir, atomic_write, default_run_path
+    from trmlx.rundir import atomic_write
 
-    resolved = resolve_target(target, adapter, backend, overrides)
     recipe = resolved.recipe
     if batch_size:
         recipe = replace(recipe, eval=replace(recipe.eval, batch_size=batch_size))
-    out_dir = RunDir(Path(output) if output else resolved.run.path if resolved.run
-                     else default_run_path(f"{recipe.name}-eval"))
     records = prepare_data(recipe).split(split)
     if not records:
         raise UserError(f"--split {split}: the recipe has no {split} data (set data.{split} or "
@@ -135,15 +154,59 @@ def eval_command(target: str, adapter: str | None, backend: str | None, split: s
     runner = get_backend(resolved.backend)
     loaded = runner.load(recipe, resolved.adapter)
     limit = recipe.eval.max_samples if max_samples is None else max_samples
-    predictions = out_dir.predictions(split)
-    with _progress(disabled=as_json) as update:
+    predictions = out_dir.predictions(name)
+    with _progress(disabled=quiet) as update:
         result = evaluate_split(runner, loaded, recipe, records, predictions, limit, progress=update)
-    report = out_dir.path / f"eval_{split}.json"
+    report = out_dir.path / f"eval_{name}.json"
     result = {"split": split, "backend": resolved.backend, "recipe": recipe.name,
               "adapter": str(resolved.adapter) if resolved.adapter else None, **result,
               "predictions": str(predictions), "report": str(report)}
     atomic_write(report, json.dumps(result, indent=2, ensure_ascii=False))
-    emit(result, as_json, _render)
+    return result
+
+
+def _compare(targets: tuple[str, ...], backend: str | None, split: str, max_samples: int | None,
+             batch_size: int | None, output: str | None, with_base: bool, overrides: tuple[str, ...],
+             as_json: bool) -> None:
+    from trmlx.compare import compare_systems, plot_comparison, read_predictions, system_names
+    from trmlx.rundir import RunDir, atomic_write, default_run_path
+
+    if len(targets) + with_base < 2:
+        raise UserError("--compare: give at least two run directories, or one with --base")
+    resolved = [resolve_target(t, None, backend, overrides) for t in targets]
+    if any(r.run is None for r in resolved):
+        raise UserError("--compare: every target must be a run directory (trmlx train's output)")
+    systems: dict[str, list[dict[str, Any]]] = {}
+    names = system_names(targets)
+    if with_base:
+        first = resolved[0]
+        base = Target(first.recipe, None, first.backend, first.run)
+        _evaluate(base, split, max_samples, batch_size, first.run, f"{split}-base", True)
+        systems["base"] = read_predictions(first.run.predictions(f"{split}-base"))
+    for name, target in zip(names, resolved):
+        _evaluate(target, split, max_samples, batch_size, target.run, split, True)
+        systems[name] = read_predictions(target.run.predictions(split))
+    result = compare_systems(resolved[0].recipe, systems)
+    out = RunDir(Path(output) if output else default_run_path("compare"))
+    result["png"] = str(plot_comparison(result, out.path / "compare.png"))
+    result["report"] = str(out.path / "compare.json")
+    atomic_write(out.path / "compare.json", json.dumps(result, indent=2, ensure_ascii=False))
+    emit(result, as_json, _render_comparison)
+
+
+def _render_comparison(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"vs {result['reference']} (paired bootstrap, {result['n_resamples']} resamples)")
+    for column in ("task", "metric", "system", "score", "diff", "95% interval", "p"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "system") else "right")
+    for r in result["rows"]:
+        extra = ("", "", "") if "diff" not in r else (f"{r['diff']:+.2f}", f"[{r['ci_low']:+.2f}, "
+                                                      f"{r['ci_high']:+.2f}]", f"{r['p_value']:.3f}")
+        table.add_row(r["task"], r["metric"], r["system"], f"{r['score']:.2f}", *extra)
+    out = console()
+    out.print(table)
+    out.print(f"chart: {result['png']}\nreport: {result['report']}", highlight=False)
 
 
 class _progress:
