@@ -167,3 +167,24 @@ def test_prequantised_checkpoint_is_loaded_not_requantised(tmp_path):
     loaded = trmlx_load(recipe)
     q = loaded.model.layers[0].self_attn.q_proj.linear
     assert isinstance(q, nn.QuantizedLinear) and q.bits == 4 and q.group_size == 64
+
+
+def test_resuming_a_finished_run_says_so(cli, tmp_path):
+    out = tmp_path / "done"
+    assert cli("train", QUICKSTART, "--output", str(out), "--set", "train.steps=2", "--set",
+               "train.warmup_steps=0").exit_code == 0
+    again = cli("train", "--resume", str(out))
+    assert again.exit_code == 2
+    assert again.stderr.strip() == (f"error: --resume {out}: the run already finished all 2 steps; evaluate it "
+                                    f"with trmlx eval {out}")
+
+
+def test_gradient_checkpointing_does_not_leak_into_later_models(tmp_path):
+    from trmlx.backends.mlx.model import load
+    from trmlx.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART)
+    block_type = type(load(recipe).model.layers[0])
+    plain = block_type.__call__
+    _short_run(tmp_path, "ckpt", ["train.grad_checkpoint=true", "train.steps=1", "train.warmup_steps=0"])
+    assert block_type.__call__ is plain

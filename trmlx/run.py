@@ -53,15 +53,18 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
     loaded = backend.load(recipe)
     train_set, train_stats = tokenize(data.train, recipe, loaded.tokenizer)
     valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer)
+    steps = total_steps(recipe.train, math.ceil(len(train_set) / recipe.train.batch_size / world_size()))
+    if setup.resume and _checkpoint_step(run) >= steps:
+        raise UserError(f"--resume {run.path}: the run already finished all {steps} steps; evaluate it with "
+                        f"trmlx eval {run.path}")
     device = backend.memory().device
-    env = environment_record(backend=backend_name, device={"name": device})
     main = is_main()  # in a data-parallel launch only rank 0 writes files
     if main:
+        env = environment_record(backend=backend_name, device={"name": device})
         create_run_dir(run.path, recipe_to_toml(recipe), env, resume=setup.resume)
     logger = MetricsLogger(run.metrics, enabled=main)
     if setup.resume:
         logger.truncate_after(_checkpoint_step(run))
-    steps = total_steps(recipe.train, math.ceil(len(train_set) / recipe.train.batch_size / world_size()))
     if on_start:
         on_start({"run": str(run.path), "steps": steps, "train_examples": len(train_set),
                   "valid_examples": len(valid_set), "truncated": train_stats["truncated"],

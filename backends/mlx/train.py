@@ -69,10 +69,12 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
     schedule = Schedule(cfg, steps)
     optimizer = make_optimizer(recipe)
+    block_type = type(model.layers[0])
+    plain_call = block_type.__call__
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
-        grad_checkpoint(model.layers[0])
+        grad_checkpoint(model.layers[0])  # patches the block class; restored when training ends
     model.train()
     grad_fn = nn.value_and_grad(model, token_loss)
     state = [model.state, mx.random.state]
@@ -128,6 +130,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             position.epoch, position.cursor = step_start
         folder = checkpoints.save(position, lambda folder: save_state(folder, model, optimizer))
         raise TrainingInterrupted(str(folder)) from None
+    finally:
+        block_type.__call__ = plain_call  # later models of this class (eval, other runs) run unpatched
 
 
 def save_state(folder: Path, model: nn.Module, optimizer: optim.Optimizer) -> None:
