@@ -32,6 +32,7 @@ class GenerationSettings:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # sampling seed, for reproducible sampled output; greedy ignores it
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class Backend(Protocol):
     def generate(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings) -> Iterator[list[int]]:
         """Batched generation from token-id prompts; yields the new token ids per prompt, in order."""
+        ...
+
+    def stream(self, loaded: LoadedModel, prompt: Sequence[int], settings: GenerationSettings) -> Iterator[int]:
+        """One prompt's new token ids as they are produced (EOS excluded), for `trmlx generate`."""
         ...
 
     def save_adapter(self, loaded: LoadedModel, path: Path) -> None:

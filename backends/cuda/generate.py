@@ -32,6 +32,8 @@ def generate_tokens(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                     settings: GenerationSettings) -> list[list[int]]:
     """New token ids per prompt (EOS and padding removed), one batched `generate` call."""
     ids, attention = left_pad(prompts, loaded.tokenizer.pad_token_id)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
     model = loaded.model
     was_training = model.training
     model.eval()
@@ -77,6 +79,8 @@ def stream_tokens(loaded: LoadedModel, prompt: Sequence[int], settings: Generati
         finally:
             queue.put(done)
 
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     eos = loaded.tokenizer.eos_token_id

@@ -36,7 +36,12 @@ class MLXBackend:
                  settings: GenerationSettings) -> Iterator[list[int]]:
         from trmlx.backends.mlx.generate import generate_tokens
 
-        return iter(generate_tokens(loaded, prompts, settings))
+        return iter(generate_tokens(loaded, prompts, settings, settings.seed))
+
+    def stream(self, loaded: LoadedModel, prompt: Sequence[int], settings: GenerationSettings) -> Iterator[int]:
+        from trmlx.backends.mlx.generate import stream_tokens
+
+        return stream_tokens(loaded, prompt, settings, settings.seed)
 
     def save_adapter(self, loaded: LoadedModel, path: Path) -> None:
         from trmlx.backends.mlx import virtual_tokens

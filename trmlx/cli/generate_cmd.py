@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -44,19 +45,6 @@ def prompt_ids(text: str, target: Target, tokenizer: Any, raw: bool) -> list[int
     return encode_prompt(text, tokenizer)
 
 
-def _token_stream(backend: "Backend", loaded: "LoadedModel", ids: list[int], settings: "GenerationSettings",
-                  seed: int | None) -> Iterator[int]:
-    """Tokens one by one where the backend can stream them; otherwise the whole completion at once."""
-    if backend.name == "mlx":
-        from trmlx.backends.mlx.generate import stream_tokens
-
-        return stream_tokens(loaded, ids, settings, seed)
-    stream = getattr(backend, "stream", None)
-    if stream is not None:
-        return stream(loaded, ids, settings)
-    return iter(next(iter(backend.generate(loaded, [ids], settings))))
-
-
 def _complete(backend: "Backend", loaded: "LoadedModel", ids: list[int], settings: "GenerationSettings",
               seed: int | None, write: Callable[[str], None]) -> dict[str, Any]:
     """Stream one completion through `write`, stopping at a stop string; return its text and speed."""
@@ -65,7 +53,7 @@ def _complete(backend: "Backend", loaded: "LoadedModel", ids: list[int], setting
     decoder = StreamDecoder(loaded.tokenizer, settings.stop)
     pieces: list[str] = []
     start = time.perf_counter()
-    for token in _token_stream(backend, loaded, ids, settings, seed):
+    for token in backend.stream(loaded, ids, replace(settings, seed=seed)):
         pieces.append(decoder.push(token))
         write(pieces[-1])
         if decoder.stopped:
