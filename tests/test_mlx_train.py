@@ -128,9 +128,9 @@ def test_nan_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, 
     real = mlx_train.token_loss
     calls = {"n": 0}
 
-    def poisoned(model, inputs, targets, mask):
+    def poisoned(model, batch):
         calls["n"] += 1
-        loss, count = real(model, inputs, targets, mask)
+        loss, count = real(model, batch)
         return (loss * mx.array(float("nan")) if calls["n"] > 6 else loss), count
 
     monkeypatch.setattr(mlx_train, "token_loss", poisoned)  # steps 1-6 are fine (batch calls), then NaN

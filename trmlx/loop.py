@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from trmlx.data.examples import bucket_batches
+from trmlx.data.examples import Example, bucket_batches
 from trmlx.errors import UserError
 from trmlx.recipe.schema import TrainConfig
 from trmlx.report import StepReport
@@ -124,6 +124,16 @@ class ReportWindow:
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
+
+
+def validate(evaluate: Callable[[Sequence[Example]], dict[str, float]],
+             examples: Sequence[Example]) -> tuple[float, dict[str, float]]:
+    """Validation loss over all examples and, for multitask data, per task: (loss, {task: loss})."""
+    tasks = sorted({e.task for e in examples})
+    overall = evaluate(examples)["loss"]
+    if len(tasks) < 2:
+        return overall, {}
+    return overall, {t: evaluate([e for e in examples if e.task == t])["loss"] for t in tasks}
 
 
 def diverged(loss: float, step: int, lr: float, last_checkpoint: Path | None) -> UserError:

@@ -14,11 +14,11 @@ from typing import Iterator, Sequence
 import torch
 
 from trmlx.backend import LoadedModel
-from trmlx.data.examples import Example, bucket_batches, collate_causal
+from trmlx.data.examples import Example, bucket_batches, collate
 from trmlx.distributed import is_main, world_size
 from trmlx.distributed import rank as distributed_rank
 from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged
+from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, validate
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir
@@ -29,16 +29,21 @@ from trmlx.backends.cuda.device import memory
 from trmlx.backends.cuda.model import DTYPES, device
 
 
-def _tensors(arrays: dict, names: Sequence[str]) -> list[torch.Tensor]:
-    return [torch.from_numpy(arrays[k]).to(device()) for k in names]
+def to_torch(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device()) for k, v in batch.items()}
 
 
-def token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step)."""
-    # Attention over padding is harmless: padding sits at the end (right-padded) and is masked out of the loss.
-    logits = model(input_ids=inputs.long()).logits.float()
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.long(), reduction="none")
+    if "decoder_inputs" in batch:  # encoder-decoder (T5): padded encoder positions are masked out
+        logits = model(input_ids=batch["inputs"].long(), attention_mask=batch["attention_mask"].long(),
+                       decoder_input_ids=batch["decoder_inputs"].long()).logits
+    else:
+        # Causal batches are right-padded: real tokens never attend to the padding after them, and padded
+        # positions are masked out of the loss, so no attention mask is needed.
+        logits = model(input_ids=batch["inputs"].long()).logits
+    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["targets"].long(), reduction="none")
+    mask = batch["mask"]
     return (ce * mask).sum(), mask.sum()
 
 
@@ -53,15 +58,14 @@ def autocast(loaded: LoadedModel):
 def evaluate_loss(loaded: LoadedModel, examples: Sequence[Example], batch_size: int,
                   max_batches: int = 0) -> dict[str, float]:
     """Mean NLL per target token over the examples (batched by length, no shuffle)."""
-    model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    batches = bucket_batches([len(e.input_ids) for e in examples], batch_size, seed=0, shuffle=False)
+    model, pad, start = loaded.model, loaded.tokenizer.pad_token_id, loaded.handle.get("decoder_start_id")
+    batches = bucket_batches([e.length for e in examples], batch_size, seed=0, shuffle=False)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0.0
     for batch in batches[:max_batches] if max_batches else batches:
-        arrays = collate_causal([examples[i] for i in batch], pad)
         with autocast(loaded):
-            loss, count = token_loss(model, *_tensors(arrays, ("inputs", "targets", "mask")))
+            loss, count = token_loss(model, to_torch(collate([examples[i] for i in batch], pad, start)))
         total, tokens = total + loss.item(), tokens + count.item()
     model.train(was_training)
     return {"loss": total / max(tokens, 1.0), "tokens": tokens}
@@ -84,10 +88,11 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
                run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
+    decoder_start = loaded.handle.get("decoder_start_id")
     if not train_set:
         raise UserError("data.train: no training examples left after checks and truncation")
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
-    lengths = [len(e.input_ids) for e in train_set]
+    lengths = [e.length for e in train_set]
     # A data-parallel step consumes world × grad_accum micro-batches.
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size / world_size()))
     schedule = Schedule(cfg, steps)
@@ -112,12 +117,12 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             torch.manual_seed(cfg.seed * 1_000_003 + position.step)  # dropout masks depend on (seed, step) only
             # All ranks walk the same order; this rank takes every world-th micro-batch of the step.
             step_batches = [batches.next() for _ in range(cfg.grad_accum * world)]
-            micro = [collate_causal([train_set[i] for i in b], pad) for b in step_batches[rank::world]]
+            micro = [collate([train_set[i] for i in b], pad, decoder_start) for b in step_batches[rank::world]]
             token_sum = distributed.sum_scalar(float(sum(m["mask"].sum() for m in micro)))
             loss_sum = 0.0
             for arrays in micro:
                 with autocast(loaded):
-                    loss, _ = token_loss(model, *_tensors(arrays, ("inputs", "targets", "mask")))
+                    loss, _ = token_loss(model, to_torch(arrays))
                 scaler.scale(loss / token_sum).backward()
                 loss_sum += loss.item()
             loss_sum = distributed.sum_scalar(loss_sum)
@@ -137,8 +142,9 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             if schedule.log(step):
                 yield window.report(step, batches.epoch, lr, memory().peak / 1e9)
             if valid_set and schedule.validate(step):
-                result = evaluate_loss(loaded, valid_set, cfg.batch_size, cfg.max_eval_batches)
-                yield StepReport(step=step, epoch=batches.epoch, loss=result["loss"], kind="eval",
+                loss, per_task = validate(
+                    lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches), valid_set)
+                yield StepReport(step=step, epoch=batches.epoch, loss=loss, kind="eval", task_losses=per_task,
                                  trained_tokens=position.trained_tokens, peak_memory_gb=memory().peak / 1e9,
                                  elapsed_seconds=position.elapsed_seconds)
                 window.restart_clock()

@@ -17,33 +17,39 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trmlx.backend import LoadedModel
-from trmlx.data.examples import Example, bucket_batches, collate_causal
+from trmlx.data.examples import Example, bucket_batches, collate
 from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged
+from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, validate
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate, total_steps
 
 
-def token_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+def token_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
     """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step)."""
-    logits = model(inputs).astype(mx.float32)
-    return (nn.losses.cross_entropy(logits, targets) * mask).sum(), mask.sum()
+    if "decoder_inputs" in batch:  # encoder-decoder (T5)
+        logits = model(batch["inputs"], batch["attention_mask"], batch["decoder_inputs"])
+    else:
+        logits = model(batch["inputs"])
+    mask = batch["mask"]
+    return (nn.losses.cross_entropy(logits.astype(mx.float32), batch["targets"]) * mask).sum(), mask.sum()
+
+
+def to_mx(batch: dict) -> dict[str, mx.array]:
+    return {k: mx.array(v) for k, v in batch.items()}
 
 
 def evaluate_loss(loaded: LoadedModel, examples: Sequence[Example], batch_size: int,
                   max_batches: int = 0) -> dict[str, float]:
     """Mean NLL per target token over the examples (batched by length, no shuffle)."""
-    model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    lengths = [len(e.input_ids) for e in examples]
-    batches = bucket_batches(lengths, batch_size, seed=0, shuffle=False)
+    model, pad, start = loaded.model, loaded.tokenizer.pad_token_id, loaded.handle.get("decoder_start_id")
+    batches = bucket_batches([e.length for e in examples], batch_size, seed=0, shuffle=False)
     total, tokens = 0.0, 0.0
     was_training = model.training
     model.eval()
     for batch in batches[:max_batches] if max_batches else batches:
-        arrays = collate_causal([examples[i] for i in batch], pad)
-        loss, count = token_loss(model, *(mx.array(arrays[k]) for k in ("inputs", "targets", "mask")))
+        loss, count = token_loss(model, to_mx(collate([examples[i] for i in batch], pad, start)))
         mx.eval(loss, count)
         total, tokens = total + loss.item(), tokens + count.item()
     model.train(was_training)
@@ -62,10 +68,11 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
                run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
+    decoder_start = loaded.handle.get("decoder_start_id")
     if not train_set:
         raise UserError("data.train: no training examples left after checks and truncation")
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
-    lengths = [len(e.input_ids) for e in train_set]
+    lengths = [e.length for e in train_set]
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
     schedule = Schedule(cfg, steps)
     optimizer = make_optimizer(recipe)
@@ -79,8 +86,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     grad_fn = nn.value_and_grad(model, token_loss)
     state = [model.state, mx.random.state]
 
-    def micro_step(inputs: mx.array, targets: mx.array, mask: mx.array):
-        return grad_fn(model, inputs, targets, mask)
+    def micro_step(batch: dict[str, mx.array]):
+        return grad_fn(model, batch)
 
     micro_step = mx.compile(micro_step, inputs=state, outputs=state)  # retraced once per new batch shape
 
@@ -99,8 +106,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             mx.random.seed(cfg.seed * 1_000_003 + position.step)
             grads, loss_sum, token_sum = None, mx.array(0.0), mx.array(0.0)
             for _ in range(cfg.grad_accum):
-                arrays = collate_causal([train_set[i] for i in batches.next()], pad)
-                (loss, count), g = micro_step(*(mx.array(arrays[k]) for k in ("inputs", "targets", "mask")))
+                batch = collate([train_set[i] for i in batches.next()], pad, decoder_start)
+                (loss, count), g = micro_step(to_mx(batch))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum, token_sum = loss_sum + loss, token_sum + count
             grads = tree_map(lambda g: g / token_sum, grads)
@@ -117,8 +124,9 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             if schedule.log(step):
                 yield window.report(step, batches.epoch, lr, mx.get_peak_memory() / 1e9)
             if valid_set and schedule.validate(step):
-                result = evaluate_loss(loaded, valid_set, cfg.batch_size, cfg.max_eval_batches)
-                yield StepReport(step=step, epoch=batches.epoch, loss=result["loss"], kind="eval",
+                loss, per_task = validate(
+                    lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches), valid_set)
+                yield StepReport(step=step, epoch=batches.epoch, loss=loss, kind="eval", task_losses=per_task,
                                  trained_tokens=position.trained_tokens, peak_memory_gb=mx.get_peak_memory() / 1e9,
                                  elapsed_seconds=position.elapsed_seconds)
                 window.restart_clock()

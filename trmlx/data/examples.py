@@ -127,6 +127,15 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     return 1 - real / padded if padded else 0.0
 
 
+def collate(examples: Sequence[Example], pad_id: int, decoder_start_id: int | None = None) -> dict[str, np.ndarray]:
+    """The batch a backend trains on: seq2seq when the examples carry target ids, else causal."""
+    if examples[0].target_ids:
+        if decoder_start_id is None:
+            raise ValueError("seq2seq batches need the model's decoder_start_token_id")
+        return collate_seq2seq(examples, pad_id, decoder_start_id)
+    return collate_causal(examples, pad_id)
+
+
 def collate_causal(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded next-token batch: inputs, targets and a loss mask that is 1 only on target tokens."""
     width = max(len(e.input_ids) for e in examples)
