@@ -93,3 +93,24 @@ def test_gpu_only_optimizer_is_a_clear_error_without_a_gpu(tmp_path):
     with pytest.raises(UserError, match="paged_adamw_8bit needs a CUDA GPU; none is visible"):
         train(tmp_path, "paged", "cuda", ["train.optimizer='paged_adamw_8bit'", "train.steps=1",
                                           "train.warmup_steps=0"])
+
+
+def test_cuda_export_merges_into_a_plain_model(tmp_path, cli):
+    from transformers import AutoModelForCausalLM
+
+    train(tmp_path, "run", "cuda", ["train.steps=3", "train.warmup_steps=0", "train.eval_every=0", "train.lr=1e-2"])
+    result = cli("export", str(tmp_path / "run"), str(tmp_path / "merged"), "--dtype", "fp32", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "lora" and report["merged_layers"] == 14  # 7 linears × 2 blocks
+    from trmlx.backends.cuda.model import load
+    from trmlx.recipe import load_recipe
+
+    adapted = load(load_recipe(tmp_path / "run" / "recipe.toml", backend="cuda"), tmp_path / "run" / "adapter")
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        a, b = adapted.model(ids).logits, merged(ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+    again = cli("export", str(tmp_path / "run"), str(tmp_path / "merged"))
+    assert again.exit_code == 2 and "output folder is not empty" in again.stderr

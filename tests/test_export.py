@@ -183,7 +183,8 @@ def test_refuses_non_empty_output_and_missing_adapter(cli, runs, tmp_path):
 
 
 def test_default_dtype_is_the_base_dtype():
-    from trmlx.backends.mlx.export import default_dtype, hf_config
+    from trmlx.backends.mlx.export import hf_config
+    from trmlx.export import default_dtype
 
     assert default_dtype({"torch_dtype": "bfloat16"}) == "bf16"
     assert default_dtype({"dtype": "float32"}) == "fp32"

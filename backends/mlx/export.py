@@ -29,10 +29,10 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from trmlx.errors import UserError
+from trmlx.export import HF_DTYPES, check_mergeable, check_out_dir, default_dtype, sync_folder
 from trmlx.recipe.schema import Recipe
 
 DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16, "fp32": mx.float32}
-HF_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 SHARD_BYTES = 5 << 30  # HF's and mlx-lm's default shard size
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,37 +41,6 @@ _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 _TOKENIZER_SUFFIXES = (".tiktoken",)
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse to write over anything: OUT_DIR must not exist or be an empty folder."""
-    out_dir = Path(out_dir)
-    if out_dir.is_dir():
-        if any(out_dir.iterdir()):
-            raise UserError(f"{out_dir}: output folder is not empty; choose a new folder or remove it first")
-    elif out_dir.exists():
-        raise UserError(f"{out_dir}: exists and is not a folder; choose a new output folder")
-
-
-def check_mergeable(adapter: Path) -> None:
-    """Only LoRA/DoRA change the base weights; prompt/prefix tuning adds virtual tokens that cannot be merged."""
-    try:
-        peft_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
-    except (OSError, ValueError) as err:
-        raise UserError(f"{adapter}: cannot read adapter_config.json ({err})") from None
-    if peft_type != "LORA":
-        raise UserError(f"{adapter}: a {peft_type} adapter has no weights to merge into the base model; export "
-                        "merges LoRA/DoRA adapters (use a prompt/prefix adapter with trmlx generate or peft)")
-
-
-def default_dtype(config: dict[str, Any]) -> str:
-    """The base's own dtype (config.json torch_dtype / dtype) when it is fp16/bf16/fp32, else fp16."""
-    named = {v: k for k, v in HF_DTYPES.items()}
-    for key in ("torch_dtype", "dtype"):
-        value = config.get(key)
-        if isinstance(value, str) and value.removeprefix("torch.") in named:
-            return named[value.removeprefix("torch.")]
-    return "fp16"
 
 
 def dequantized_weight(module: nn.Module) -> mx.array:
@@ -217,23 +186,6 @@ def copy_tokenizer(base: Path, folder: Path, config: dict[str, Any], tokenizer: 
     return copied
 
 
-def _sync(folder: Path) -> None:
-    """fsync every file and the folder, so the rename that publishes it comes after the data is on disk."""
-    for file in folder.iterdir():
-        with open(file, "rb") as stream:
-            os.fsync(stream.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def export_model(recipe: Recipe, adapter: Path | None, out_dir: Path, dtype: str | None = None,
                  shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
     """Load the base per `recipe`, attach `adapter`, merge, and write an HF model folder at `out_dir`."""
@@ -272,7 +224,7 @@ def export_model(recipe: Recipe, adapter: Path | None, out_dir: Path, dtype: str
         files = write_weights(weights, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(raw_config, dtype), indent=2, ensure_ascii=False))
         files += ["config.json"] + copy_tokenizer(base, tmp, raw_config, loaded.tokenizer)
-        _sync(tmp)
+        sync_folder(tmp)
         check_out_dir(out_dir)  # nobody wrote there while we worked
         if out_dir.is_dir():
             out_dir.rmdir()

@@ -34,11 +34,12 @@ def _render(result: dict[str, Any]) -> None:
               help="Dtype of the written weights (default: the base model's dtype from its config.json, else fp16).")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="PEFT adapter folder to merge (default RUN_DIR/adapter; required when RUN_DIR is a recipe file).")
-@click.option("--backend", type=click.Choice(["mlx"]), default="mlx", show_default=True,
-              help="Framework that merges (a PEFT adapter from a CUDA run merges on MLX as well).")
+@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default=None,
+              help="Framework that merges (default: the run's backend). Adapters are PEFT files, so either "
+                   "backend merges either backend's adapter.")
 @set_option
 @json_option
-def export(target: str, out_dir: str, dtype: str | None, adapter: str | None, backend: str,
+def export(target: str, out_dir: str, dtype: str | None, adapter: str | None, backend: str | None,
            overrides: tuple[str, ...], as_json: bool) -> None:
     """Merge the adapter into the base model and write an HF model folder (config.json, safetensors, tokenizer).
 
@@ -57,7 +58,10 @@ def export(target: str, out_dir: str, dtype: str | None, adapter: str | None, ba
         raise UserError(f"{out}: output folder is not empty; choose a new folder or remove it first")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose a new output folder")
-    get_backend(resolved.backend)  # a missing mlx install is a one-line error
-    from trmlx.backends.mlx.export import export_model
+    get_backend(resolved.backend)  # a missing install is a one-line error
+    if resolved.backend == "cuda":
+        from trmlx.backends.cuda.export import export_model
+    else:
+        from trmlx.backends.mlx.export import export_model
 
     emit(export_model(resolved.recipe, resolved.adapter, out, dtype), as_json, _render)

@@ -1,0 +1,63 @@
+"""Export decisions shared by both backends: where the merged model may be written, which adapters merge, the
+default dtype, and making a finished folder durable before it is published by rename."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from trmlx.errors import UserError
+
+HF_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to write over anything: OUT_DIR must not exist or be an empty folder."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            raise UserError(f"{out_dir}: output folder is not empty; choose a new folder or remove it first")
+    elif out_dir.exists():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose a new output folder")
+
+
+def check_mergeable(adapter: Path) -> None:
+    """Only LoRA/DoRA change the base weights; prompt/prefix tuning adds virtual tokens that cannot be merged."""
+    try:
+        peft_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{adapter}: cannot read adapter_config.json ({err})") from None
+    if peft_type != "LORA":
+        raise UserError(f"{adapter}: a {peft_type} adapter has no weights to merge into the base model; export "
+                        "merges LoRA/DoRA adapters (use a prompt/prefix adapter with trmlx generate or peft)")
+
+
+def default_dtype(config: dict[str, Any]) -> str:
+    """The base's own dtype (config.json torch_dtype / dtype) when it is fp16/bf16/fp32, else fp16."""
+    named = {v: k for k, v in HF_DTYPES.items()}
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in named:
+            return named[value.removeprefix("torch.")]
+    return "fp16"
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync every file and the folder, so the rename that publishes it comes after the data is on disk."""
+    for file in folder.iterdir():
+        with open(file, "rb") as stream:
+            os.fsync(stream.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
