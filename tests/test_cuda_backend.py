@@ -114,3 +114,21 @@ def test_cuda_export_merges_into_a_plain_model(tmp_path, cli):
     assert float((a - b).abs().max() / a.abs().max()) < 1e-4
     again = cli("export", str(tmp_path / "run"), str(tmp_path / "merged"))
     assert again.exit_code == 2 and "output folder is not empty" in again.stderr
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_token_adapters_train_on_cuda_and_evaluate_the_same_on_mlx(tmp_path, cli, method):
+    pytest.importorskip("mlx.core")
+    train(tmp_path, "run", "cuda", [f"peft.method='{method}'", "train.lr=3e-2", "train.steps=4",
+                                    "train.warmup_steps=1", "train.eval_every=0", "peft.num_virtual_tokens=4"])
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[method]
+    outputs = {}
+    for backend in ("cuda", "mlx"):
+        result = cli("eval", str(tmp_path / "run"), "--backend", backend, "--max-samples", "5", "--output",
+                     str(tmp_path / backend), "--json")
+        assert result.exit_code == 0, result.output
+        outputs[backend] = (json.loads(result.stdout)["metrics"]["loss"],
+                            (tmp_path / backend / "predictions" / "test.jsonl").read_text())
+    assert outputs["cuda"][0] == pytest.approx(outputs["mlx"][0], rel=1e-4)
+    assert outputs["cuda"][1] == outputs["mlx"][1]  # batched greedy text, identical across backends

@@ -27,10 +27,26 @@ def _generate_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> dict:
     return kwargs
 
 
+def _prompt_tuned(model: torch.nn.Module) -> bool:
+    config = getattr(model, "peft_config", {}).get("default")
+    return config is not None and str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
+
+
 @torch.no_grad()
 def generate_tokens(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                     settings: GenerationSettings) -> list[list[int]]:
     """New token ids per prompt (EOS and padding removed), one batched `generate` call."""
+    if _prompt_tuned(loaded.model) and len({len(p) for p in prompts}) > 1:
+        # peft's prompt tuning decodes left-padded batches differently from single prompts (measured: the
+        # greedy text diverges), so batch only prompts of equal length, which need no padding.
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        results: dict[int, list[int]] = {}
+        for indices in by_length.values():
+            for i, tokens in zip(indices, generate_tokens(loaded, [prompts[i] for i in indices], settings)):
+                results[i] = tokens
+        return [results[i] for i in range(len(prompts))]
     ids, attention = left_pad(prompts, loaded.tokenizer.pad_token_id)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)

@@ -64,15 +64,14 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(adapter))  # for eval, generate and export
     elif peft.method in ("lora", "dora"):
         model = attach_lora(model, peft, recipe.train.seed)
+    elif peft.method in ("prompt", "prefix"):
+        model = attach_virtual_tokens(model, peft, cfg.path)
     elif peft.method == "full":
         if cfg.quantize_bits:
             raise UserError("peft.method: full fine-tuning needs unquantised weights")
-    else:
-        raise UserError(f"peft.method: {peft.method!r} is not available in the CUDA backend yet; use lora, dora "
-                        "or full")
     return LoadedModel(model=model, tokenizer=tokenizer,
                        handle={"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft,
                                "base": cfg.path})
@@ -128,3 +127,19 @@ def attach_lora(model: torch.nn.Module, peft_cfg: PeftConfig, seed: int) -> torc
                 init = lora_a_init(path, weight.shape[1], peft_cfg.rank, seed)
                 weight.copy_(torch.from_numpy(init).to(weight.dtype))
     return model
+
+
+def attach_virtual_tokens(model: torch.nn.Module, peft_cfg: PeftConfig, tokenizer_path: str) -> torch.nn.Module:
+    """peft prompt tuning (soft prompt; from text, else from sampled vocabulary embeddings like the MLX backend)
+    or prefix tuning (per-layer key/value prefixes, optionally through peft's projection MLP)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    if peft_cfg.method == "prompt":
+        init = PromptTuningInit.TEXT if peft_cfg.prompt_init_text else PromptTuningInit.SAMPLE_VOCAB
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=peft_cfg.num_virtual_tokens,
+                                    prompt_tuning_init=init, tokenizer_name_or_path=tokenizer_path,
+                                    prompt_tuning_init_text=peft_cfg.prompt_init_text or None)
+    else:
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=peft_cfg.num_virtual_tokens,
+                                    prefix_projection=peft_cfg.prefix_projection)
+    return get_peft_model(model, config)

@@ -42,6 +42,7 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
         # Causal batches are right-padded: real tokens never attend to the padding after them, and padded
         # positions are masked out of the loss, so no attention mask is needed.
         logits = model(input_ids=batch["inputs"].long()).logits
+    logits = logits[:, -batch["targets"].shape[1]:]  # prompt tuning prepends virtual-token positions: drop them
     ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["targets"].long(), reduction="none")
     mask = batch["mask"]
     return (ce * mask).sum(), mask.sum()
