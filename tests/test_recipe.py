@@ -191,3 +191,11 @@ def test_every_field_is_documented():
     assert all(doc.strip() for _, _, _, doc in rows)
     keys = [key for key, *_ in rows]
     assert "train.grad_accum" in keys and "data.tasks[].prefix" in keys and "peft.num_virtual_tokens" in keys
+
+
+def test_mlx_checkpointing_with_lora_dropout_is_refused(write):
+    text = MINIMAL + "[train]\ngrad_checkpoint = true\n[peft]\ndropout = 0.1\n"
+    assert problems(write, text, backend="mlx") == [
+        "r.toml: peft.dropout: MLX recomputes checkpointed layers with a new dropout mask, which gives wrong "
+        "gradients; set peft.dropout = 0 (e.g. in [backend.mlx.peft]) or train.grad_checkpoint = false"]
+    assert load_recipe(write("ok.toml", text), backend="cuda").peft.dropout == 0.1

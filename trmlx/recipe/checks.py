@@ -83,6 +83,11 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
         problems.append(("train.warmup_steps", f"must be less than train.steps ({train.steps})"))
     if train.optimizer == "paged_adamw_8bit" and backend == "mlx":
         problems.append(("train.optimizer", "paged_adamw_8bit is CUDA-only; use adamw or adafactor with MLX"))
+    if backend == "mlx" and train.grad_checkpoint and peft.dropout and peft.method in ("lora", "dora"):
+        # Measured: MLX's recomputation draws a new dropout mask, so the gradients do not match the loss.
+        problems.append(("peft.dropout", "MLX recomputes checkpointed layers with a new dropout mask, which "
+                                         "gives wrong gradients; set peft.dropout = 0 (e.g. in [backend.mlx.peft]) "
+                                         "or train.grad_checkpoint = false"))
     if recipe.task == "seq2seq" and data.chat:
         problems.append(("data.chat", "chat templates apply to causal models, not seq2seq"))
     if recipe.task == "seq2seq" and model.dtype == "fp16":
