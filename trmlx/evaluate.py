@@ -141,6 +141,19 @@ def score_predictions(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> dict[st
     return {"metrics": macro, "signatures": signatures, "per_task": dict(sorted(table.items()))}
 
 
+def first_per_task(records: Sequence[Record], limit: int) -> list[Record]:
+    """The first `limit` records of every task (0 = all): a cap must not leave a multitask split with one task."""
+    if not limit:
+        return list(records)
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for record in records:
+        if taken[record.task] < limit:
+            taken[record.task] += 1
+            chosen.append(record)
+    return chosen
+
+
 def evaluate_split(backend: Backend, loaded: LoadedModel, recipe: Recipe, records: Sequence[Record],
                    out_path: Path, max_samples: int, settings: GenerationSettings | None = None,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -148,7 +161,7 @@ def evaluate_split(backend: Backend, loaded: LoadedModel, recipe: Recipe, record
     add the split's loss/perplexity; returns metrics, signatures, per-task table, n and generation speed."""
     if recipe.task == "embedding":
         raise UserError("eval: embedding recipes are scored with retrieval metrics, not by generating text")
-    records = list(records[:max_samples] if max_samples else records)
+    records = first_per_task(records, max_samples)
     if not records:
         raise UserError("eval: the split has no examples to evaluate")
     settings = settings or generation_settings(recipe)

@@ -60,7 +60,9 @@ def generate_tokens(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
     model.train(was_training)
     eos = loaded.tokenizer.eos_token_id
     results = []
-    for row in out[:, ids.shape[1]:].tolist():
+    # A decoder-only model returns prompt + new tokens; an encoder-decoder returns decoder_start + new tokens.
+    first_new = 1 if model.config.is_encoder_decoder else ids.shape[1]
+    for row in out[:, first_new:].tolist():
         results.append(row[: row.index(eos)] if eos in row else row)
     return results
 

@@ -31,7 +31,7 @@ def device() -> torch.device:
 
 def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     """Model + tokenizer on the GPU (or the CPU, with a notice), quantised per recipe, adapter attached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from trmlx.backends.cuda.distributed import ensure_process_group
 
@@ -49,7 +49,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         kwargs["quantization_config"] = bnb_config(recipe, dtype)
         kwargs["device_map"] = {"": device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        model_class = AutoModelForSeq2SeqLM if recipe.task == "seq2seq" else AutoModelForCausalLM
+        model = model_class.from_pretrained(cfg.path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
         raise UserError(f"model.path: cannot load {cfg.path!r} ({str(err).splitlines()[0][:160]})") from None
@@ -72,9 +73,10 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     elif peft.method == "full":
         if cfg.quantize_bits:
             raise UserError("peft.method: full fine-tuning needs unquantised weights")
-    return LoadedModel(model=model, tokenizer=tokenizer,
-                       handle={"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft,
-                               "base": cfg.path})
+    handle = {"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft, "base": cfg.path}
+    if recipe.task == "seq2seq":
+        handle["decoder_start_id"] = model.config.decoder_start_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, handle=handle)
 
 
 def bnb_config(recipe: Recipe, compute_dtype: torch.dtype):
@@ -94,7 +96,7 @@ def target_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
     import bitsandbytes as bnb
 
     linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    blocks = model.get_decoder().layers
+    blocks = transformer_blocks(model)
     linears = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
                       if isinstance(m, linear_types)})
     if targets == "all-linear":
@@ -107,17 +109,25 @@ def target_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
     return sorted({t.rsplit(".", 1)[-1] for t in wanted})
 
 
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's blocks (a causal LM's only stack; T5's decoder block holds every linear name T5 uses)."""
+    decoder = model.get_decoder()
+    return decoder.layers if hasattr(decoder, "layers") else decoder.block
+
+
 def attach_lora(model: torch.nn.Module, peft_cfg: PeftConfig, seed: int) -> torch.nn.Module:
     """peft LoRA/DoRA with PEFT scaling alpha/r; A from the core's seeded init, B zero (as on MLX)."""
     from peft import LoraConfig, get_peft_model
 
-    total = len(model.get_decoder().layers)
+    total = len(transformer_blocks(model))
+    seq2seq = model.config.is_encoder_decoder
     if peft_cfg.layers > total:
         raise UserError(f"peft.layers: requested to adapt {peft_cfg.layers} layers but the model only has {total}")
     layers = list(range(total - peft_cfg.layers, total)) if peft_cfg.layers else None
     config = LoraConfig(r=peft_cfg.rank, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
                         target_modules=target_names(model, peft_cfg.targets), layers_to_transform=layers,
-                        use_dora=peft_cfg.method == "dora", task_type="CAUSAL_LM", bias="none")
+                        use_dora=peft_cfg.method == "dora", task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
+                        bias="none", layers_pattern="block" if seq2seq and layers else None)
     model = get_peft_model(model, config)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -134,12 +144,14 @@ def attach_virtual_tokens(model: torch.nn.Module, peft_cfg: PeftConfig, tokenize
     or prefix tuning (per-layer key/value prefixes, optionally through peft's projection MLP)."""
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
+    task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+
     if peft_cfg.method == "prompt":
         init = PromptTuningInit.TEXT if peft_cfg.prompt_init_text else PromptTuningInit.SAMPLE_VOCAB
-        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=peft_cfg.num_virtual_tokens,
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens,
                                     prompt_tuning_init=init, tokenizer_name_or_path=tokenizer_path,
                                     prompt_tuning_init_text=peft_cfg.prompt_init_text or None)
     else:
-        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=peft_cfg.num_virtual_tokens,
+        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens,
                                     prefix_projection=peft_cfg.prefix_projection)
     return get_peft_model(model, config)

@@ -34,22 +34,29 @@ class MLXBackend:
 
     def generate(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings) -> Iterator[list[int]]:
+        if loaded.handle.get("task_type") == "SEQ_2_SEQ_LM":
+            from trmlx.backends.mlx.t5 import generate as generate_seq2seq
+
+            return iter(generate_seq2seq(loaded, prompts, settings))
         from trmlx.backends.mlx.generate import generate_tokens
 
         return iter(generate_tokens(loaded, prompts, settings, settings.seed))
 
     def stream(self, loaded: LoadedModel, prompt: Sequence[int], settings: GenerationSettings) -> Iterator[int]:
+        if loaded.handle.get("task_type") == "SEQ_2_SEQ_LM":
+            return iter(next(self.generate(loaded, [prompt], settings)))
         from trmlx.backends.mlx.generate import stream_tokens
 
         return stream_tokens(loaded, prompt, settings, settings.seed)
-
     def save_adapter(self, loaded: LoadedModel, path: Path) -> None:
         from trmlx.backends.mlx import virtual_tokens
         from trmlx.backends.mlx.adapters import peft_config, save_adapter
 
         if isinstance(loaded.model, virtual_tokens.VirtualTokenModel):  # prompt/prefix tuning
             return virtual_tokens.save(loaded.model, path, loaded.handle["base"])
-        save_adapter(loaded.model, path, peft_config(loaded.handle["peft"], loaded.model, loaded.handle["base"]))
+        task_type = loaded.handle.get("task_type", "CAUSAL_LM")
+        save_adapter(loaded.model, path, peft_config(loaded.handle["peft"], loaded.model, loaded.handle["base"],
+                                                     task_type))
 
     def memory(self) -> MemoryStats:
         from trmlx.backends.mlx.device import memory

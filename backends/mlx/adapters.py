@@ -106,7 +106,9 @@ def peft_config(peft: PeftConfig, model: nn.Module, base_model: str, task_type: 
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": peft.rank, "lora_alpha": peft.alpha, "lora_dropout": peft.dropout, "target_modules": names,
         "use_dora": peft.method == "dora", "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
-        "layers_to_transform": None if len(layers) == len(model.layers) else layers, "layers_pattern": None,
+        "layers_to_transform": None if len(layers) == len(model.layers) else layers,
+        # T5 keeps its blocks in encoder.block / decoder.block: PEFT needs the pattern to find layer indices.
+        "layers_pattern": "block" if task_type == "SEQ_2_SEQ_LM" and len(layers) != len(model.layers) else None,
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
         "alpha_pattern": {}, "revision": None,
     }

@@ -1,5 +1,6 @@
-"""Load a causal LM for MLX: HF folders through mlx-lm's model code, quantised block by block at load, so peak
-memory stays near the quantised size plus one block instead of the full-precision model."""
+"""Load a model for MLX: causal LMs through mlx-lm's model code, T5/mT5 through our own (t5.py), quantised block
+by block at load, so peak memory stays near the quantised size plus one block instead of the full-precision
+model."""
 
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         path = _download(model_cfg.path)
     except Exception as err:  # hub errors come in many types; all mean "not here and not downloadable"
         raise UserError(f"model.path: cannot find {model_cfg.path!r} locally or on the hub ({type(err).__name__})")
+    seq2seq = recipe.task == "seq2seq"
     try:
-        model, config = load_model(path, lazy=True, trust_remote_code=model_cfg.trust_remote_code)
+        if seq2seq:
+            from trmlx.backends.mlx.t5 import load_t5
+
+            model, config = load_t5(path, lazy=True)
+        else:
+            model, config = load_model(path, lazy=True, trust_remote_code=model_cfg.trust_remote_code)
     except ValueError as err:
         raise UserError(f"model.path: {path}: {err}") from None
     already_quantised = "quantization" in config or "quantization_config" in config
@@ -36,11 +43,19 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
                            "affine" if model_cfg.quant_mode == "auto" else model_cfg.quant_mode)
     else:
         mx.eval(model.parameters())
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    hf_tokenizer = tokenizer._tokenizer
+    if seq2seq:
+        from transformers import AutoTokenizer
+
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
+    else:
+        hf_tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))._tokenizer
     if hf_tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
         hf_tokenizer.pad_token = hf_tokenizer.eos_token
     peft = recipe.peft
+    if seq2seq and (peft.method in ("prompt", "prefix") or (adapter is not None and virtual_tokens.adapter_type(
+            adapter) in virtual_tokens.PEFT_TYPES.values())):
+        raise UserError("peft.method: prompt and prefix tuning of T5 models are not available in the MLX backend "
+                        "yet; use lora or dora (or --backend cuda)")
     mx.random.seed(recipe.train.seed)  # LoRA's A matrices are random: the same seed gives the same start
     if adapter is not None and virtual_tokens.adapter_type(adapter) in virtual_tokens.PEFT_TYPES.values():
         model = virtual_tokens.load(model, config, adapter)  # prompt/prefix: a wrapper around the frozen model
@@ -56,8 +71,13 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     else:
         raise UserError(f"peft.method: {peft.method!r} is not available in the MLX backend yet; use lora, "
                         "dora, prefix, prompt or full")
-    return LoadedModel(model=model, tokenizer=hf_tokenizer,
-                       handle={"path": str(path), "config": config, "peft": peft, "base": model_cfg.path})
+    handle = {"path": str(path), "config": config, "peft": peft, "base": model_cfg.path,
+              "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"}
+    if seq2seq:
+        handle["decoder_start_id"] = config.get("decoder_start_token_id", hf_tokenizer.pad_token_id)
+        handle["checkpoint_block"] = model.encoder.block[0]  # one block class serves both stacks
+    model.eval()  # new LoRA layers start in training mode; the training loop switches modes itself
+    return LoadedModel(model=model, tokenizer=hf_tokenizer, handle=handle)
 
 
 def quantise_blockwise(model: nn.Module, bits: int, group_size: int, mode: str) -> None:

@@ -76,12 +76,13 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
     schedule = Schedule(cfg, steps)
     optimizer = make_optimizer(recipe)
-    block_type = type(model.layers[0])
+    block = loaded.handle.get("checkpoint_block") or model.layers[0]
+    block_type = type(block)
     plain_call = block_type.__call__
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
-        grad_checkpoint(model.layers[0])  # patches the block class; restored when training ends
+        grad_checkpoint(block)  # patches the block class; restored when training ends
     model.train()
     grad_fn = nn.value_and_grad(model, token_loss)
     state = [model.state, mx.random.state]
