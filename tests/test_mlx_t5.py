@@ -153,7 +153,7 @@ def test_logits_match_transformers(pair):
 
 
 def test_greedy_generation_matches_transformers(pair):
-    from trmlx.backends.mlx.t5 import generate_greedy
+    from trmlx.backends.mlx.t5_generate import generate_greedy
 
     _, reference, model = pair
     steps = 12

@@ -35,7 +35,7 @@ class MLXBackend:
     def generate(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings) -> Iterator[list[int]]:
         if loaded.handle.get("task_type") == "SEQ_2_SEQ_LM":
-            from trmlx.backends.mlx.t5 import generate as generate_seq2seq
+            from trmlx.backends.mlx.t5_generate import generate as generate_seq2seq
 
             return iter(generate_seq2seq(loaded, prompts, settings))
         from trmlx.backends.mlx.generate import generate_tokens
