@@ -56,8 +56,8 @@ def _render(results: list[dict[str, Any]]) -> None:
                        "tokens p50/p90/p99/max"):
             table.add_column(column, justify="right" if column != "task" else "left")
         for split, per_task in s["rows"].items():
-            lengths = s["lengths"].get(split, {})
             for task, rows in per_task.items():
+                lengths = s.get("task_lengths", {}).get(split, {}).get(task) or s["lengths"].get(split, {})
                 table.add_row(split, task or "-", str(rows), _fmt(lengths.get("input_chars"), 3),
                               _fmt(lengths.get("target_chars"), 3), _fmt(lengths.get("tokens"), 4))
         console.print(table)

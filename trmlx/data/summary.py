@@ -53,14 +53,26 @@ def summarize(recipe: Recipe, data: PreparedData, tokenizer: Any = None) -> dict
         records = data.split(split)
         if not records:
             continue
-        lengths = {"input_chars": percentiles([len(input_text(r)) for r in records]),
-                   "target_chars": percentiles([len(target_text(r)) for r in records])}
+        examples = []
         if tokenizer is not None and recipe.task != "embedding":
             sample = records[:TOKEN_SAMPLE]
             examples, stats = tokenize(sample, recipe, tokenizer)
-            lengths["tokens"] = percentiles([e.length for e in examples])
             summary["too_long"][split] = {"rows_checked": len(sample), "truncated": stats["truncated"],
                                           "dropped": stats["dropped_too_long"], "policy": recipe.data.too_long,
                                           "max_length": recipe.data.max_length}
-        summary["lengths"][split] = lengths
+        summary["lengths"][split] = _lengths(records, examples if tokenizer is not None else None)
+        tasks = sorted({r.task for r in records})
+        if len(tasks) > 1:  # multitask: each task's own lengths, they differ a lot (news vs. QA)
+            summary.setdefault("task_lengths", {})[split] = {
+                t: _lengths([r for r in records if r.task == t],
+                            [e for e in examples if e.task == t] if tokenizer is not None else None)
+                for t in tasks}
     return summary
+
+
+def _lengths(records: list[Record], examples: list | None) -> dict[str, dict[str, int]]:
+    lengths = {"input_chars": percentiles([len(input_text(r)) for r in records]),
+               "target_chars": percentiles([len(target_text(r)) for r in records])}
+    if examples is not None:
+        lengths["tokens"] = percentiles([e.length for e in examples])
+    return lengths

@@ -129,7 +129,7 @@ class TrainConfig:
 class EvalConfig:
     metrics: list[str] = doc([], "Metrics to report, e.g. ['bleu', 'chrf']; empty = the task kind's defaults.")
     lang: Literal["tr", "en"] = doc("tr", "Language rules for metric normalisation (Turkish casing, punctuation).")
-    max_samples: int = doc(500, "Cap on test examples evaluated; 0 = all.", minimum=0)
+    max_samples: int = doc(500, "Cap on test examples evaluated (per task in multitask recipes); 0 = all.", minimum=0)
     batch_size: int = doc(16, "Examples per batched generation.", minimum=1)
     max_new_tokens: int = doc(128, "Generation budget per example.", minimum=1)
     temperature: float = doc(0.0, "Sampling temperature; 0 = greedy.", minimum=0)
