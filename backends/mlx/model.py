@@ -90,7 +90,11 @@ def quantise_blockwise(model: nn.Module, bits: int, group_size: int, mode: str) 
     for block in model.layers:
         nn.quantize(block, group_size=group_size, bits=bits, mode=mode, class_predicate=quantisable)
         mx.eval(block.parameters())
-    nn.quantize(model, group_size=group_size, bits=bits, mode=mode,
-                class_predicate=lambda p, m: quantisable(p, m) and not isinstance(m, (nn.QuantizedLinear,
-                                                                                        nn.QuantizedEmbedding)))
+    # Then the rest (embeddings, head) one module at a time: together they can outweigh a block several times
+    # (a 32k-vocabulary embedding and head), and evaluating them together would hold both in full precision.
+    for path, module in list(model.named_modules()):
+        if quantisable(path, module):
+            nn.quantize(model, group_size=group_size, bits=bits, mode=mode,
+                        class_predicate=lambda p, m, target=path: p == target and quantisable(p, m))
+            mx.eval(model.parameters())
     mx.eval(model.parameters())
