@@ -17,7 +17,8 @@ def describe_device() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(index)
         info.update(kind="gpu", name=props.name, count=torch.cuda.device_count(),
                     capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
-                    bf16=torch.cuda.is_bf16_supported())
+                    # Without emulation: a T4 "supports" bf16 only by emulating it, slowly; it trains in fp16.
+                    bf16=torch.cuda.is_bf16_supported(including_emulation=False))
     else:
         info.update(kind="cpu", name="cpu", count=0, bf16=False)
     return info

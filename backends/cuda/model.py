@@ -59,8 +59,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     if tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
         tokenizer.pad_token = tokenizer.eos_token
     if recipe.train.grad_checkpoint:
+        # Non-reentrant checkpointing needs no enable_input_require_grads (that is for the reentrant kind).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     peft = recipe.peft
     if adapter is not None:
         from peft import PeftModel

@@ -1,0 +1,692 @@
+"""QLoRA training speed and memory on CUDA: trmlx's CUDA backend vs a plain transformers Trainer + peft + bnb.
+
+Both sides train the same random-weight Llama (built here, never downloaded) from the same model folder, on the
+same synthetic examples of exactly --seq-len tokens (loss on the second half only), with the same LoRA (rank,
+alpha, dropout, targets and layers of recipes/translate_7b.toml), the same batch size, gradient accumulation,
+gradient checkpointing, optimizer and compute dtype:
+
+  trmlx  the real trmlx path: trmlx.backends.cuda.model.load on the recipe (--set model.path=<folder>, batch size,
+         max length, steps) and trmlx.backends.cuda.train.train_loop.
+  hf     what today's notebooks do: BitsAndBytesConfig(nf4, double quant) + prepare_model_for_kbit_training +
+         get_peft_model + transformers.Trainer (fp16/bf16 as the GPU allows), step times from a TrainerCallback.
+
+Every (seq_len, batch_size, side) runs in a fresh subprocess, so peak-memory counters never mix. Inside it: warm-up
+steps, then --trials trials of --steps steps, the device synchronised before each clock read; the median trial
+and the min/max are reported, and ratios trmlx/hf are taken in the same invocation on the same machine.
+
+MFU = 4·N·(all tokens/s) / (the device's dense matmul rate, measured here: 8192² bf16 — fp16 without bf16 — on a
+GPU, 1024² fp32 on the CPU). N counts every parameter of the base model. All tokens, not only the target half,
+because the backward pass runs through every position (the targets attend to the prompt). Gradient checkpointing's
+recompute (≈2N more) is not counted as useful work; `hfu` counts it. Attention's seq² FLOPs are left out.
+
+The model folder: the Llama config is built with transformers' from_config directly on the GPU (seeded random
+init, seconds for 7B) and saved once as bf16 safetensors shards (fp16 where the GPU has no bf16) with a tokenizer
+trained on the shipped en_tr text; each side then quantises it to NF4 while loading, exactly as `trmlx train`
+does with a hub checkpoint. That is faster than writing random weights from numpy (13 GB through the CPU), and a
+pre-quantised folder would skip the load-time quantisation that the trmlx path really does. Pass --model-dir to
+keep the folder and reuse it across invocations (7B: ~13.5 GB of disk).
+
+    # an NVIDIA GPU (pip install -e ".[cuda]": bitsandbytes, peft, transformers, accelerate)
+    python benchmarks/cuda_qlora.py --shape 7b --seq-len 512 1024 --batch-size 1 2 4 8 --model-dir /tmp/llama2-7b
+    # the same sweep in two commands (e.g. under a 10-minute limit per command), the second merging into the file
+    python benchmarks/cuda_qlora.py --shape 7b --seq-len 512 --model-dir /tmp/llama2-7b
+    python benchmarks/cuda_qlora.py --shape 7b --seq-len 1024 --model-dir /tmp/llama2-7b --merge
+    # this CPU: only the tiny shape (a check of the pipeline, not a GPU result)
+    python benchmarks/cuda_qlora.py --shape tiny --seq-len 64 128 --batch-size 2 4
+
+Cost of a 7B sweep: the model folder once (GPU init + writing 13.5 GB, about a minute), then per configuration and
+side a fresh process that loads and quantises the folder (tens of seconds) and runs warmup + steps × trials steps
+(defaults 2 + 5 × 3). Only one GPU is used (CUDA_VISIBLE_DEVICES defaults to 0 for the workers).
+
+Prints a table and one JSON line last; writes <out>/cuda_qlora-<device>.json and a PNG chart beside it
+(--merge keeps the configurations of an earlier result file for the same device and shape that this run did not
+measure, so a long sweep can be split across several invocations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "translate_7b.toml"
+DATA = REPO / "recipes" / "data" / "en_tr"
+MARKER = "trmlx-bench-model.json"
+
+# trmlx.tiny.llama_config arguments. 7b is Llama-2-7B's architecture (6,738,415,616 parameters).
+SHAPES: dict[str, dict[str, int]] = {
+    "7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+               intermediate_size=11008, max_position_embeddings=4096),
+    "tiny": dict(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                 intermediate_size=352, max_position_embeddings=2048),
+}
+SIDES = ("trmlx", "hf")
+CPU_NOTE = ("CPU run with the tiny shape: it checks that the benchmark pipeline works end to end. It is NOT a GPU "
+            "result; 4-bit bitsandbytes on a CPU says nothing about CUDA speed.")
+
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "trials": list(values)}
+
+
+def scaled(stats: dict[str, Any], factor: float) -> dict[str, Any]:
+    return {k: ([v * factor for v in x] if isinstance(x, list) else x * factor) for k, x in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------- workers
+# Each runs in its own interpreter: `python cuda_qlora.py --worker NAME SPEC.json RESULT.json`.
+
+def llama_parameters(spec: dict[str, int]) -> int:
+    """Parameters of the untied Llama of a SHAPES entry: embeddings + blocks + final norm + head."""
+    h, inter, vocab = spec["hidden_size"], spec["intermediate_size"], spec["vocab_size"]
+    head_dim = h // spec["num_heads"]
+    q, kv = spec["num_heads"] * head_dim, spec["num_kv_heads"] * head_dim
+    block = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    return 2 * vocab * h + spec["num_layers"] * block + h
+
+
+def native_bf16() -> bool:
+    """bf16 tensor-core matmuls (Ampere and newer). torch.cuda.is_bf16_supported() also says True where bf16 is
+    only emulated (T4, P100), which is not 'as the GPU allows'."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _clock():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _memory_now() -> dict[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"allocated_gb": torch.cuda.memory_allocated() / 1e9,
+                "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return {"allocated_gb": rss, "peak_allocated_gb": rss}
+
+
+def _peak_memory() -> dict[str, Any]:
+    """Peak since the last reset: torch's allocator counters on a GPU, the process's peak RSS on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+                "memory_kind": "torch.cuda.max_memory_allocated from the start of training"}
+    import resource
+
+    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            "memory_kind": "peak resident set of the whole process (ru_maxrss; includes Python, torch and load)"}
+
+
+def measure_matmul(dtype_name: str, trials: int = 5) -> dict[str, Any]:
+    """The device's dense matmul rate: n×n×n products (8192 on a GPU, 1024 fp32 on the CPU), several timed
+    trials after warm-up; the best trial is the peak used for MFU."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    n, reps = (8192, 20) if gpu else (1024, 8)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    dev = "cuda" if gpu else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    for _ in range(3):
+        c = a @ b
+    rates = []
+    for _ in range(trials):
+        start = _clock()
+        for _ in range(reps):
+            c = a @ b
+        rates.append(2 * n**3 * reps / (_clock() - start))
+    del a, b, c
+    if gpu:
+        torch.cuda.empty_cache()
+    return {"n": n, "dtype": dtype_name, "reps_per_trial": reps, "peak_flops": max(rates),
+            "median_flops": statistics.median(rates), "trial_flops": rates}
+
+
+def build_model(model_dir: Path, shape: str, seed: int) -> dict[str, Any]:
+    """Random-weight Llama of the shape, made by transformers from its config on the GPU (CPU without one) and
+    saved as bf16 (fp16 without bf16) safetensors shards plus a tokenizer; reused if the marker matches."""
+    marker = model_dir / MARKER
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info.get("shape") == shape and info.get("seed") == seed:
+            return {**info, "reused": True}
+        raise SystemExit(f"--model-dir {model_dir}: holds a {info.get('shape')} model (seed {info.get('seed')}), "
+                         f"not {shape} (seed {seed}); remove it or pick another folder")
+    if model_dir.exists() and any(model_dir.iterdir()):
+        raise SystemExit(f"--model-dir {model_dir}: exists and is not a model folder this script wrote; remove it "
+                         "or pick another folder")
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trmlx.tiny import llama_config, save_tokenizer, shipped_texts, train_tokenizer
+
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if (not gpu or native_bf16()) else torch.float16
+    spec = SHAPES[shape]
+    config = LlamaConfig(**llama_config(**spec))
+    # Initialise on the GPU (seconds for 7B) when the 16-bit weights fit with room to spare (a 16 GB T4 does
+    # not); else on the CPU (a minute or two).
+    init_device = "cuda" if gpu and 2.3 * llama_parameters(spec) < torch.cuda.mem_get_info()[0] else "cpu"
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    with torch.device(init_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    if params != llama_parameters(spec):
+        raise RuntimeError(f"built {params} parameters, the config says {llama_parameters(spec)}")
+    init_s = time.perf_counter() - start
+    partial = model_dir.parent / f".{model_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, max_shard_size="2GB")
+    del model
+    tokenizer = train_tokenizer(shipped_texts(DATA), vocab_size=min(1024, spec["vocab_size"]))
+    tokenizer.model_max_length = spec["max_position_embeddings"]
+    save_tokenizer(tokenizer, partial)
+    info = {"shape": shape, "seed": seed, "config": spec, "parameters": params,
+            "storage_dtype": str(dtype).removeprefix("torch."), "init_seconds": round(init_s, 2),
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "size_gb": round(sum(f.stat().st_size for f in partial.iterdir()) / 1e9, 3),
+            "initialised_on": torch.cuda.get_device_name() if init_device == "cuda" else "cpu"}
+    (partial / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    if model_dir.exists():
+        model_dir.rmdir()
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(model_dir)
+    if gpu:
+        torch.cuda.empty_cache()
+    return {**info, "reused": False}
+
+
+def worker_prepare(spec: dict) -> dict:
+    """Device facts, its matmul rate, and the model folder. Refuses a big shape without a GPU before any work."""
+    from trmlx.backends.cuda.device import describe_device
+    info = describe_device()
+    if info["kind"] == "cpu" and spec["shape"] != "tiny":
+        return {"error": f"--shape {spec['shape']} needs an NVIDIA GPU and none is visible; on the CPU only "
+                         "--shape tiny runs", "exit": 2}
+    gpu = info["kind"] == "gpu"
+    dtype = ("bf16" if native_bf16() else "fp16") if gpu else "fp32"
+    reason = ("GPU with native bf16 (compute capability >= 8)" if dtype == "bf16" else
+              "GPU without native bf16 (e.g. T4, P100): fp16" if gpu else "CPU: fp32, as trmlx uses there")
+    matmul = measure_matmul(dtype)
+    model = build_model(Path(spec["model_dir"]), spec["shape"], spec["seed"])
+    return {"device": info, "compute_dtype": dtype, "dtype_reason": reason, "matmul": matmul, "model": model}
+
+
+def synthetic_rows(spec: dict) -> "Any":
+    """n × seq_len token ids (never the 4 special ids), the same for both sides."""
+    import numpy as np
+
+    n = spec["batch_size"] * spec["grad_accum"] * spec["total_steps"]
+    rng = np.random.default_rng(spec["seed"])
+    return rng.integers(4, spec["vocab_size"], size=(n, spec["seq_len"]), dtype=np.int64)
+
+
+def _trial_times(step_seconds: list[float], spec: dict) -> list[float]:
+    timed = step_seconds[spec["warmup"]:]
+    return [sum(timed[i * spec["steps"]:(i + 1) * spec["steps"]]) for i in range(spec["trials"])]
+
+
+def worker_trmlx(spec: dict) -> dict:
+    """Side A: trmlx's own load() and train_loop() on the recipe, per-step wall time from the loop's reports."""
+    import torch
+
+    from trmlx.backends.cuda.model import load
+    from trmlx.backends.cuda.train import train_loop
+    from trmlx.data.examples import Example
+    from trmlx.recipe import load_recipe
+
+    total = spec["total_steps"]
+    overrides = [f"model.path={json.dumps(spec['model_dir'])}", f"train.batch_size={spec['batch_size']}",
+                 f"data.max_length={spec['seq_len']}", "train.epochs=0", f"train.steps={total}",
+                 f"train.warmup_steps={spec['lr_warmup_steps']}",
+                 f"train.grad_accum={spec['grad_accum']}", f"peft.layers={spec['lora_layers']}",
+                 "train.log_every=1", "train.eval_every=0", "train.save_every=0"]
+    if not torch.cuda.is_available():
+        overrides.append("train.optimizer='adamw'")  # paged_adamw_8bit is CUDA-only (the recipe's CUDA choice)
+    recipe = load_recipe(RECIPE, overrides, backend="cuda")
+    import bitsandbytes  # noqa: F401  (imported before the load clock starts, as on side B)
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    start = time.perf_counter()
+    loaded = load(recipe)
+    load_s = time.perf_counter() - start
+    load_peak = _memory_now()
+    rows = synthetic_rows(spec)
+    half = spec["seq_len"] // 2
+    examples = [Example(tuple(int(t) for t in row), prompt_len=half) for row in rows]
+    model = loaded.model
+    setup = {"dtype": loaded.handle["dtype"], "optimizer": recipe.train.optimizer,
+             "grad_checkpoint": recipe.train.grad_checkpoint, "grad_accum": recipe.train.grad_accum,
+             "quant": f"{recipe.model.quantize_bits}-bit {recipe.model.quant_mode} double_quant="
+                      f"{recipe.model.double_quant}",
+             "lora": {"rank": recipe.peft.rank, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
+                      "targets": recipe.peft.targets, "layers": recipe.peft.layers},
+             "attn_implementation": getattr(model.config, "_attn_implementation", None),
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             # trmlx's collate shifts inside the example: the forward sees seq_len - 1 positions
+             "forward_positions_per_row": spec["seq_len"] - 1}
+    step_seconds, losses = [], []
+    with tempfile.TemporaryDirectory() as run_dir:
+        reports = train_loop(loaded, recipe, examples, [], Path(run_dir))
+        before_train = _memory_now()["allocated_gb"]
+        previous = _clock()
+        for report in reports:
+            if report.kind != "train":
+                continue
+            now = _clock()
+            step_seconds.append(now - previous)
+            previous = now
+            losses.append(report.loss)
+            if len(step_seconds) == total:
+                break
+        peak = _peak_memory()
+        reports.close()  # stop at the yield: no end-of-run checkpoint inside the timing or the memory peak
+    return {"step_seconds": step_seconds, "trial_seconds": _trial_times(step_seconds, spec), "losses": losses,
+            "load_seconds": load_s, "load_peak_memory_gb": load_peak["peak_allocated_gb"],
+            "model_memory_gb": before_train, "forward_positions_per_step":
+            spec["batch_size"] * spec["grad_accum"] * (spec["seq_len"] - 1), "setup": setup, **peak}
+
+
+def worker_hf(spec: dict) -> dict:
+    """Side B: the notebook recipe — bnb 4-bit NF4 + prepare_model_for_kbit_training + peft LoRA + Trainer."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
+                              TrainingArguments, default_data_collator)
+
+    from trmlx.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, backend="cuda")  # the same LoRA / optimizer / schedule numbers as side A
+    gpu = torch.cuda.is_available()
+    bf16 = gpu and native_bf16()  # not is_bf16_supported(): that is True on a T4 too (emulated bf16)
+    dtype = torch.bfloat16 if bf16 else (torch.float16 if gpu else torch.float32)
+    grad_checkpoint = recipe.train.grad_checkpoint
+    start = time.perf_counter()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": 0 if gpu else "cpu"})
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpoint)
+    blocks = model.model.layers
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
+                           if isinstance(m, torch.nn.Linear)})  # bnb's Linear4bit subclasses nn.Linear
+    layers = list(range(len(blocks) - spec["lora_layers"], len(blocks)))
+    lora = LoraConfig(r=recipe.peft.rank, lora_alpha=recipe.peft.alpha, lora_dropout=recipe.peft.dropout,
+                      target_modules=linear_names, layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    load_s = time.perf_counter() - start
+    load_peak = _memory_now()
+
+    rows = torch.from_numpy(synthetic_rows(spec))
+    half = spec["seq_len"] // 2
+    labels = rows.clone()
+    labels[:, :half] = -100  # HF shifts inside the loss: targets are tokens half..seq_len-1, as on side A
+    dataset = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": y} for r, y in zip(rows, labels)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_seconds: list[float] = []
+            self.previous = 0.0
+            self.before_train = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            self.before_train = _memory_now()["allocated_gb"]
+            self.previous = _clock()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = _clock()
+            self.step_seconds.append(now - self.previous)
+            self.previous = now
+
+    timer = StepTimer()
+    optim = recipe.train.optimizer if gpu else "adamw_torch"  # paged_adamw_8bit on a GPU, as on side A
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = TrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=spec["batch_size"],
+            gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["total_steps"],
+            learning_rate=recipe.train.lr, lr_scheduler_type=recipe.train.schedule,
+            warmup_steps=spec["lr_warmup_steps"], weight_decay=recipe.train.weight_decay,
+            max_grad_norm=recipe.train.grad_clip, optim=optim, bf16=bf16, fp16=gpu and not bf16,
+            gradient_checkpointing=grad_checkpoint, logging_steps=1, save_strategy="no", eval_strategy="no",
+            report_to="none", disable_tqdm=True, seed=recipe.train.seed, remove_unused_columns=False,
+            dataloader_num_workers=0, use_cpu=not gpu)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                          callbacks=[timer])
+        trainer.train()
+        peak = _peak_memory()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    setup = {"dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "optimizer": optim,
+             "grad_checkpoint": grad_checkpoint, "grad_accum": spec["grad_accum"],
+             "quant": "4-bit nf4 double_quant=True", "prepare_model_for_kbit_training": True,
+             "lora": {"rank": recipe.peft.rank, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
+                      "targets": linear_names, "layers": spec["lora_layers"]},
+             "attn_implementation": getattr(model.config, "_attn_implementation", None),
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "forward_positions_per_row": spec["seq_len"], "pad_token_id": tokenizer.pad_token_id}
+    return {"step_seconds": timer.step_seconds, "trial_seconds": _trial_times(timer.step_seconds, spec),
+            "losses": losses, "load_seconds": load_s, "load_peak_memory_gb": load_peak["peak_allocated_gb"],
+            "model_memory_gb": timer.before_train,
+            "forward_positions_per_step": spec["batch_size"] * spec["grad_accum"] * spec["seq_len"],
+            "setup": setup, **peak}
+
+
+WORKERS = {"prepare": worker_prepare, "trmlx": worker_trmlx, "hf": worker_hf}
+
+
+def worker_main(name: str, spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    sys.path.insert(0, str(REPO))
+    result = WORKERS[name](spec)
+    Path(result_path).write_text(json.dumps(result))
+    if "exit" in result:
+        sys.exit(result["exit"])
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+
+def run_worker(name: str, spec: dict, work: Path, label: str) -> dict:
+    """One fresh interpreter; its output goes to a log, whose tail is shown if it fails."""
+    spec_path, result_path, log_path = work / f"{label}.spec.json", work / f"{label}.result.json", work / f"{label}.log"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One GPU for both sides: on a 2-GPU machine (Kaggle's 2×T4) Trainer would otherwise wrap the model in
+    # DataParallel while trmlx (no torchrun here) uses one device.
+    env.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_path),
+                               str(result_path)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    wall = time.perf_counter() - start
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if "error" not in result and proc.returncode == 0:
+            return {**result, "process_seconds": round(wall, 2)}
+        if "error" in result:
+            return result
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    print(f"  {label}: failed (exit {proc.returncode}); last lines of {log_path}:", file=sys.stderr)
+    print("    " + "\n    ".join(lines[-15:]), file=sys.stderr)
+    return {"error": reason.strip()[:300] or f"exit code {proc.returncode}"}
+
+
+def summarise(raw: dict, spec: dict, params: int, peak_flops: float) -> dict:
+    """Tokens/s (trained = target tokens, all = positions through the forward), MFU and memory of one side."""
+    if "error" in raw:
+        return raw
+    trained = spec["batch_size"] * spec["grad_accum"] * (spec["seq_len"] - spec["seq_len"] // 2)
+    positions = raw["forward_positions_per_step"]
+    trials = raw["trial_seconds"]
+    trained_tps = [trained * spec["steps"] / s for s in trials]
+    all_tps = [positions * spec["steps"] / s for s in trials]
+    recompute = 2 if raw["setup"]["grad_checkpoint"] else 0
+    timed = raw["step_seconds"][spec["warmup"]:]
+    return {
+        "trained_tokens_per_step": trained, "all_tokens_per_step": positions,
+        "step_seconds": {"median": statistics.median(timed), "min": min(timed), "max": max(timed)},
+        "trained_tokens_per_second": spread(trained_tps),
+        "all_tokens_per_second": spread(all_tps),
+        "mfu": scaled(spread(all_tps), 4 * params / peak_flops),
+        "hfu": scaled(spread(all_tps), (4 + recompute) * params / peak_flops),
+        "peak_memory_gb": raw["peak_memory_gb"], **({"peak_reserved_gb": raw["peak_reserved_gb"]}
+                                                    if "peak_reserved_gb" in raw else {}),
+        "memory_kind": raw["memory_kind"], "model_memory_gb": raw["model_memory_gb"],
+        "load_peak_memory_gb": raw["load_peak_memory_gb"], "load_seconds": raw["load_seconds"],
+        "process_seconds": raw.get("process_seconds"),
+        "loss": {"first": raw["losses"][0] if raw["losses"] else None,
+                 "last": raw["losses"][-1] if raw["losses"] else None},
+        "warmup_step_seconds": raw["step_seconds"][:spec["warmup"]],
+        "setup": raw["setup"],
+    }
+
+
+def ratio(a: dict, b: dict, key: str) -> float | None:
+    if "error" in a or "error" in b:
+        return None
+    va = a[key]["median"] if isinstance(a[key], dict) else a[key]
+    vb = b[key]["median"] if isinstance(b[key], dict) else b[key]
+    return round(va / vb, 4) if vb else None
+
+
+def table(configs: list[dict], cpu: bool) -> str:
+    unit = "GB RSS" if cpu else "GB"
+    head = (f"{'seq':>5} {'bs':>3} | {'side':5} {'dtype':5} | {'trained tok/s (min-max)':>27} | {'all tok/s':>10} | "
+            f"{'MFU':>6} | {'peak ' + unit:>11} | {'step s':>8}")
+    lines = [head, "-" * len(head)]
+    for c in configs:
+        for side in SIDES:
+            r = c[side]
+            if "error" in r:
+                lines.append(f"{c['seq_len']:>5} {c['batch_size']:>3} | {side:5} {'':5} | failed: {r['error'][:70]}")
+                continue
+            t = r["trained_tokens_per_second"]
+            lines.append(f"{c['seq_len']:>5} {c['batch_size']:>3} | {side:5} {r['setup']['dtype']:5} | "
+                         f"{t['median']:>9.1f} ({t['min']:>7.1f}-{t['max']:>7.1f}) | "
+                         f"{r['all_tokens_per_second']['median']:>10.1f} | {100 * r['mfu']['median']:>5.1f}% | "
+                         f"{r['peak_memory_gb']:>11.3f} | {r['step_seconds']['median']:>8.4f}")
+        speed, mem = c["speed_ratio"], c["memory_ratio"]
+        lines.append(f"{'':>9} | trmlx/hf: speed {speed if speed is not None else '-'}x, "
+                     f"peak memory {mem if mem is not None else '-'}x")
+        if c.get("dtype_mismatch"):
+            lines.append(f"{'':>9} | WARNING: the sides computed in different dtypes: {c['dtype_mismatch']}")
+    return "\n".join(lines)
+
+
+def plot(configs: list[dict], path: Path, title: str, cpu: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"seq {c['seq_len']}\nbs {c['batch_size']}" for c in configs]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(configs) + 4), 4.5))
+    width = 0.38
+    for offset, side, color in ((-width / 2, "trmlx", "#1f77b4"), (width / 2, "hf", "#ff7f0e")):
+        xs = [i + offset for i in range(len(configs))]
+        tps = [c[side]["trained_tokens_per_second"] if "error" not in c[side] else None for c in configs]
+        med = [t["median"] if t else 0 for t in tps]
+        err = [[(t["median"] - t["min"]) if t else 0 for t in tps], [(t["max"] - t["median"]) if t else 0 for t in tps]]
+        name = "trmlx (cuda backend)" if side == "trmlx" else "HF Trainer + peft + bnb"
+        axes[0].bar(xs, med, width, yerr=err, capsize=3, label=name, color=color)
+        mem = [c[side]["peak_memory_gb"] if "error" not in c[side] else 0 for c in configs]
+        axes[1].bar(xs, mem, width, label=name, color=color)
+    axes[0].set_ylabel("trained (target) tokens/s, median of trials")
+    axes[1].set_ylabel("peak RSS of the process (GB)" if cpu else "peak torch.cuda allocated (GB)")
+    for ax in axes:
+        ax.set_xticks(range(len(configs)), labels)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per trial")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (≥1 advised: the first "
+                                                              "step holds one-off setup)")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step on both sides (the recipe's 4 is a memory setting)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="keep the random model here and reuse it next time (default: a temp folder)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="folder for cuda_qlora-<device>.json and .png")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep configurations of an existing result file (same device and shape) not re-run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-work", action="store_true", help="keep the temp folder with the worker logs")
+    args = parser.parse_args(argv)
+    if min(args.seq_len) < 4 or min(args.batch_size) < 1 or min(args.steps, args.trials) < 1 or args.warmup < 0:
+        parser.error("--seq-len must be ≥ 4; --batch-size, --steps and --trials ≥ 1; --warmup ≥ 0")
+    shape = SHAPES[args.shape]
+    if max(args.seq_len) > shape["max_position_embeddings"]:
+        parser.error(f"--seq-len: the {args.shape} shape has {shape['max_position_embeddings']} positions")
+
+    import torch  # only asks whether a GPU is there; no CUDA context is made in this process
+
+    if args.shape != "tiny" and not torch.cuda.is_available():
+        print(f"benchmarks/cuda_qlora.py: --shape {args.shape} needs an NVIDIA GPU and none is visible; on the CPU "
+              "only --shape tiny runs", file=sys.stderr)
+        return 2
+    load_before = os.getloadavg()
+    temp = Path(tempfile.mkdtemp(prefix="trmlx-cuda-qlora-"))
+    try:
+        model_dir = (args.model_dir or temp / "model").resolve()
+        work = temp / "work"
+        work.mkdir()
+        print(f"preparing: device, matmul rate, {args.shape} model in {model_dir}", file=sys.stderr)
+        prep_spec = {"shape": args.shape, "model_dir": str(model_dir), "seed": args.seed}
+        # On a GPU in a subprocess, so this process never holds a CUDA context (and its memory) while the sides
+        # run; on the CPU there is nothing to keep apart, and this saves an interpreter start.
+        prep = (run_worker("prepare", prep_spec, work, "prepare") if torch.cuda.is_available()
+                else worker_prepare(prep_spec))
+        if "error" in prep:
+            print(f"benchmarks/cuda_qlora.py: {prep['error']}", file=sys.stderr)
+            return 2
+        device, model = prep["device"], prep["model"]
+        cpu = device["kind"] == "cpu"
+        params, peak = model["parameters"], prep["matmul"]["peak_flops"]
+        recipe_train, recipe_layers = recipe_facts()
+        lora_layers = min(recipe_layers or shape["num_layers"], shape["num_layers"])
+        print(f"  {device['name']}: {prep['matmul']['dtype']} matmul peak {peak / 1e12:.3f} TFLOP/s; model "
+              f"{params / 1e6:.1f}M parameters ({'reused' if model['reused'] else 'built'} in "
+              f"{model['build_seconds']}s)", file=sys.stderr)
+        total_steps = args.warmup + args.steps * args.trials
+        configs = []
+        for seq_len in args.seq_len:
+            for batch_size in args.batch_size:
+                spec = {"model_dir": str(model_dir), "seq_len": seq_len, "batch_size": batch_size,
+                        "grad_accum": args.grad_accum, "warmup": args.warmup, "steps": args.steps,
+                        "trials": args.trials, "total_steps": total_steps, "seed": args.seed,
+                        "vocab_size": shape["vocab_size"], "lora_layers": lora_layers,
+                        "lr_warmup_steps": min(recipe_train.warmup_steps, total_steps - 1)}
+                record: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size}
+                # Alternate which side goes first, so a drift of the machine (clocks, heat) favours neither.
+                for side in SIDES if len(configs) % 2 == 0 else SIDES[::-1]:
+                    label = f"{side}-s{seq_len}-b{batch_size}"
+                    print(f"running {label} ({total_steps} steps)", file=sys.stderr)
+                    record[side] = summarise(run_worker(side, spec, work, label), spec, params, peak)
+                record["speed_ratio"] = ratio(record["trmlx"], record["hf"], "trained_tokens_per_second")
+                record["memory_ratio"] = ratio(record["trmlx"], record["hf"], "peak_memory_gb")
+                record["matmul_peak_flops"] = peak
+                dtypes = {s: record[s]["setup"]["dtype"] for s in SIDES if "error" not in record[s]}
+                if len(set(dtypes.values())) > 1:
+                    record["dtype_mismatch"] = dtypes  # e.g. trmlx choosing emulated bf16 on a T4
+                configs.append(record)
+    finally:
+        if args.keep_work:
+            print(f"kept {temp} (worker logs under work/)", file=sys.stderr)
+        else:
+            shutil.rmtree(temp, ignore_errors=True)
+
+    name = slug(str(device.get("name", "unknown")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"cuda_qlora-{name}.json"
+    if args.merge and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("shape") == args.shape:
+            done = {(c["seq_len"], c["batch_size"]) for c in configs}
+            configs += [c for c in old.get("configs", []) if (c["seq_len"], c["batch_size"]) not in done]
+            configs.sort(key=lambda c: (c["seq_len"], c["batch_size"]))
+    from trmlx.rundir import atomic_write, environment_record
+
+    model_public = {k: v for k, v in model.items() if k != "reused"}
+    record = {
+        "benchmark": "cuda_qlora",
+        "note": CPU_NOTE if cpu else "GPU run.",
+        "device": device, "shape": args.shape, "model": model_public,
+        "settings": {"recipe": str(RECIPE.relative_to(REPO)),
+                     "seq_lens": sorted({c["seq_len"] for c in configs}),
+                     "batch_sizes": sorted({c["batch_size"] for c in configs}), "grad_accum": args.grad_accum, "warmup_steps": args.warmup,
+                     "steps_per_trial": args.steps, "trials": args.trials, "lora_layers": lora_layers,
+                     "lr_warmup_steps": min(recipe_train.warmup_steps, total_steps - 1),
+                     "optimizer": recipe_train.optimizer if not cpu else "adamw (CPU: paged_adamw_8bit is CUDA-only)",
+                     "grad_checkpoint": recipe_train.grad_checkpoint,
+                     "compute_dtype": prep["compute_dtype"], "dtype_reason": prep["dtype_reason"],
+                     "loss_mask": "second half of each sequence (completion-only)",
+                     "mfu": "4·N·all tokens/s over the measured matmul peak; hfu adds 2N for checkpointing "
+                            "recompute; attention seq² FLOPs not counted",
+                     "speed_ratio": "trmlx / hf trained tokens/s (median trials; >1 = trmlx faster)",
+                     "memory_ratio": "trmlx / hf peak memory (<1 = trmlx smaller)"},
+        "matmul": prep["matmul"],
+        # a shared machine is noisy: the 1-minute load average before and after the sweep, next to its cores
+        "load_average": {"before": load_before[0], "after": os.getloadavg()[0], "cpus": os.cpu_count()},
+        "configs": configs,
+        "environment": environment_record(backend="cuda", device=device),
+    }
+    atomic_write(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    title = (f"QLoRA {args.shape} on {device['name']}: trmlx vs HF Trainer (peft + bitsandbytes nf4)"
+             + ("\nCPU, tiny shape: a pipeline check, not a GPU result" if cpu else ""))
+    plot(configs, path.with_suffix(".png"), title, cpu)
+    print(table(configs, cpu))
+    if cpu:
+        print(CPU_NOTE)
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    print(json.dumps({"benchmark": "cuda_qlora", "device": device["name"], "shape": args.shape,
+                      "path": str(path), "configs": [
+                          {"seq_len": c["seq_len"], "batch_size": c["batch_size"], "speed_ratio": c["speed_ratio"],
+                           "memory_ratio": c["memory_ratio"],
+                           **{f"{s}_trained_tokens_per_second": (c[s]["trained_tokens_per_second"]["median"]
+                                                                 if "error" not in c[s] else None) for s in SIDES},
+                           **{f"{s}_mfu": (c[s]["mfu"]["median"] if "error" not in c[s] else None)
+                              for s in SIDES}} for c in configs]}))
+    return 0
+
+
+def recipe_facts():
+    """The recipe's train section and peft.layers (LoRA on the last N blocks; 0 = all): both sides adapt the same
+    blocks and follow the same learning-rate warm-up (cut to fit a short benchmark run)."""
+    from trmlx.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, backend="cuda")
+    return recipe.train, recipe.peft.layers
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker_main(*sys.argv[2:])
+    else:
+        sys.path.insert(0, str(REPO))
+        sys.exit(main())
