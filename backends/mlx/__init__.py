@@ -49,9 +49,11 @@ class MLXBackend:
 
         return stream_tokens(loaded, prompt, settings, settings.seed)
     def save_adapter(self, loaded: LoadedModel, path: Path) -> None:
-        from trmlx.backends.mlx import virtual_tokens
+        from trmlx.backends.mlx import t5_prompt, virtual_tokens
         from trmlx.backends.mlx.adapters import peft_config, save_adapter
 
+        if isinstance(loaded.model, t5_prompt.T5PromptModel):  # T5 prompt tuning
+            return t5_prompt.save(loaded.model, path, loaded.handle["base"])
         if isinstance(loaded.model, virtual_tokens.VirtualTokenModel):  # prompt/prefix tuning
             return virtual_tokens.save(loaded.model, path, loaded.handle["base"])
         task_type = loaded.handle.get("task_type", "CAUSAL_LM")

@@ -13,13 +13,14 @@ from trmlx.backend import LoadedModel
 from trmlx.errors import UserError
 from trmlx.recipe.schema import Recipe
 
-from trmlx.backends.mlx import virtual_tokens
+from trmlx.backends.mlx import t5_prompt, virtual_tokens
 from trmlx.backends.mlx.adapters import apply_lora, load_adapter
 
 
 def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     """Model + HF tokenizer; quantised per recipe; a new LoRA/DoRA/prompt/prefix adapter from the recipe or a saved
-    PEFT adapter (prompt/prefix tuning return a wrapper model: virtual_tokens.VirtualTokenModel)."""
+    PEFT adapter (prompt/prefix tuning return a wrapper model: virtual_tokens.VirtualTokenModel for causal LMs,
+    t5_prompt.T5PromptModel for T5)."""
     from mlx_lm.utils import _download, load_model, load_tokenizer
 
     model_cfg = recipe.model
@@ -52,12 +53,15 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     if hf_tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
         hf_tokenizer.pad_token = hf_tokenizer.eos_token
     peft = recipe.peft
-    if seq2seq and (peft.method in ("prompt", "prefix") or (adapter is not None and virtual_tokens.adapter_type(
-            adapter) in virtual_tokens.PEFT_TYPES.values())):
-        raise UserError("peft.method: prompt and prefix tuning of T5 models are not available in the MLX backend "
-                        "yet; use lora or dora (or --backend cuda)")
+    kind = virtual_tokens.adapter_type(adapter) if adapter is not None else None
+    if seq2seq and (kind == "PREFIX_TUNING" or (adapter is None and peft.method == "prefix")):
+        raise UserError("peft.method: prefix tuning of T5 models is not available in the MLX backend; use prompt, "
+                        "lora or dora (or --backend cuda)")
     mx.random.seed(recipe.train.seed)  # LoRA's A matrices are random: the same seed gives the same start
-    if adapter is not None and virtual_tokens.adapter_type(adapter) in virtual_tokens.PEFT_TYPES.values():
+    if seq2seq and kind == "PROMPT_TUNING":
+        model = t5_prompt.load(model, config, adapter)  # T5 prompt tuning: a wrapper around the frozen T5
+        peft = model.peft_settings()
+    elif kind in virtual_tokens.PEFT_TYPES.values():
         model = virtual_tokens.load(model, config, adapter)  # prompt/prefix: a wrapper around the frozen model
         peft = model.peft_settings()
     elif adapter is not None:
@@ -65,7 +69,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     elif peft.method in ("lora", "dora"):
         apply_lora(model, peft, seed=recipe.train.seed)
     elif peft.method in ("prompt", "prefix"):
-        model = virtual_tokens.attach(model, config, peft, hf_tokenizer)
+        attach = t5_prompt.attach if seq2seq else virtual_tokens.attach
+        model = attach(model, config, peft, hf_tokenizer)
     elif peft.method == "full":
         model.unfreeze()
     else:
@@ -75,7 +80,7 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
               "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"}
     if seq2seq:
         handle["decoder_start_id"] = config.get("decoder_start_token_id", hf_tokenizer.pad_token_id)
-        handle["checkpoint_block"] = model.encoder.block[0]  # one block class serves both stacks
+        handle["checkpoint_block"] = getattr(model, "base", model).encoder.block[0]  # one class, both stacks
     model.eval()  # new LoRA layers start in training mode; the training loop switches modes itself
     return LoadedModel(model=model, tokenizer=hf_tokenizer, handle=handle)
 

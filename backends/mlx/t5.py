@@ -382,10 +382,12 @@ class T5(nn.Module):
     def make_cache(self) -> T5Cache:
         return T5Cache(T5LayerCache() for _ in self.decoder.block)
 
-    def encode(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        """Encoder states (B, S, d_model); padded positions (attention_mask 0) are never attended."""
-        h = self.encoder.dropout(self.shared(input_ids))
-        L = input_ids.shape[1]
+    def encode(self, input_ids: mx.array | None, attention_mask: mx.array | None = None,
+               inputs_embeds: mx.array | None = None) -> mx.array:
+        """Encoder states (B, S, d_model); padded positions (attention_mask 0) are never attended. `inputs_embeds`
+        (B, S, d_model) replaces the token embeddings, as transformers' (prompt tuning prepends rows to them)."""
+        h = self.encoder.dropout(self.shared(input_ids) if inputs_embeds is None else inputs_embeds)
+        L = h.shape[1]
         mask = self.encoder.position_bias(L, L).astype(h.dtype)
         pad = _padding_mask(attention_mask, h.dtype)
         if pad is not None:
