@@ -120,20 +120,22 @@ def test_adafactor_trains(tmp_path):
 
 
 def test_nan_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import mlx.core as mx
+    import numpy as np
 
     from trmlx.backends.mlx import train as mlx_train
     from trmlx.errors import UserError
 
-    real = mlx_train.token_loss
+    real = mlx_train.collate
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, count = real(model, batch)
-        return (loss * mx.array(float("nan")) if calls["n"] > 6 else loss), count
+        batch = real(*args, **kwargs)
+        if calls["n"] > 6:  # one micro-batch per step: steps 1-6 are fine, step 7 sees a NaN loss
+            batch["mask"] = batch["mask"] * np.float32("nan")
+        return batch
 
-    monkeypatch.setattr(mlx_train, "token_loss", poisoned)  # steps 1-6 are fine (batch calls), then NaN
+    monkeypatch.setattr(mlx_train, "collate", poisoned)
     setup = runner.resolve_run(QUICKSTART, "mlx", SHORT + ["train.steps=10", "train.eval_every=0"],
                                str(tmp_path / "nan"), None)
     with pytest.raises(UserError) as err:

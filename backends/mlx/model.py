@@ -38,6 +38,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
             model, config = load_model(path, lazy=True, trust_remote_code=model_cfg.trust_remote_code)
     except ValueError as err:
         raise UserError(f"model.path: {path}: {err}") from None
+    if model_cfg.dtype != "auto":  # auto keeps the checkpoint's own dtype (bf16 for most released models)
+        model.set_dtype({"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}[model_cfg.dtype])
     already_quantised = "quantization" in config or "quantization_config" in config
     if model_cfg.quantize_bits and not already_quantised:
         quantise_blockwise(model, model_cfg.quantize_bits, model_cfg.quant_group_size,

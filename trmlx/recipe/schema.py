@@ -30,7 +30,8 @@ class ModelConfig:
     )
     double_quant: bool = doc(True, "CUDA: bitsandbytes double quantisation of the scales (~0.4 bit/weight saved).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
-        "auto", "Compute dtype: auto = bf16 where supported, else fp16 (causal) or fp32 (T5, which overflows in fp16)."
+        "auto", "Compute dtype. auto: MLX keeps the checkpoint's dtype; CUDA uses bf16 where the GPU has it, else "
+                "fp16 with loss scaling (fp32 for T5, which overflows in fp16)."
     )
     trust_remote_code: bool = doc(False, "Allow model code from the hub (transformers trust_remote_code).")
 
