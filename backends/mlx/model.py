@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from trmlx.backend import LoadedModel
 from trmlx.errors import UserError
@@ -99,9 +100,10 @@ def quantise_blockwise(model: nn.Module, bits: int, group_size: int, mode: str) 
         mx.eval(block.parameters())
     # Then the rest (embeddings, head) one module at a time: together they can outweigh a block several times
     # (a 32k-vocabulary embedding and head), and evaluating them together would hold both in full precision.
-    for path, module in list(model.named_modules()):
-        if quantisable(path, module):
-            nn.quantize(model, group_size=group_size, bits=bits, mode=mode,
-                        class_predicate=lambda p, m, target=path: p == target and quantisable(p, m))
-            mx.eval(model.parameters())
+    # Names only: holding the old module objects would keep their full-precision weights alive.
+    for target in [path for path, module in model.named_modules() if quantisable(path, module)]:
+        nn.quantize(model, group_size=group_size, bits=bits, mode=mode,
+                    class_predicate=lambda p, m, target=target: p == target and quantisable(p, m))
+        # Evaluate this module only: evaluating the whole model would also read the next one in full precision.
+        mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(target + ".")])
     mx.eval(model.parameters())
