@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from trmlx.errors import UserError
 
@@ -61,3 +63,24 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+
+
+@contextmanager
+def publishing(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp folder beside out_dir to write the model into; on success make it durable and rename it to
+    out_dir, on failure remove it: a crash never leaves a folder that looks like a finished model."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        sync_folder(tmp)
+        check_out_dir(out_dir)  # nobody wrote there while we worked
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

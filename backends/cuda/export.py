@@ -8,14 +8,12 @@ OUT_DIR and renamed into place once complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trmlx.export import check_mergeable, check_out_dir, default_dtype, sync_folder
+from trmlx.export import check_mergeable, check_out_dir, default_dtype, publishing
 from trmlx.recipe.schema import Recipe
 
 from trmlx.backends.cuda.model import DTYPES
@@ -39,19 +37,9 @@ def export_model(recipe: Recipe, adapter: Path, out_dir: Path, dtype: str | None
     merged_layers = sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_A") and m.lora_A)
     with torch.no_grad():
         model = peft_model.merge_and_unload()
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with publishing(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        sync_folder(tmp)
-        check_out_dir(out_dir)
-        if out_dir.is_dir():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = sorted(p.name for p in out_dir.iterdir())
     parameters = sum(p.numel() for p in model.parameters())
     return {"out": str(out_dir), "base": recipe.model.path, "adapter": str(adapter),

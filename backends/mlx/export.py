@@ -29,7 +29,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from trmlx.errors import UserError
-from trmlx.export import HF_DTYPES, check_mergeable, check_out_dir, default_dtype, sync_folder
+from trmlx.export import HF_DTYPES, check_mergeable, check_out_dir, default_dtype, publishing
 from trmlx.recipe.schema import Recipe
 
 DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16, "fp32": mx.float32}
@@ -215,23 +215,10 @@ def export_model(recipe: Recipe, adapter: Path | None, out_dir: Path, dtype: str
     # The lazy weights now hold the only references to the base arrays: each is freed once its shard is written.
     model.update(tree_map(lambda _: mx.array([]), model.parameters()))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with publishing(out_dir) as tmp:
         files = write_weights(weights, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(raw_config, dtype), indent=2, ensure_ascii=False))
         files += ["config.json"] + copy_tokenizer(base, tmp, raw_config, loaded.tokenizer)
-        sync_folder(tmp)
-        check_out_dir(out_dir)  # nobody wrote there while we worked
-        if out_dir.is_dir():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     peft = loaded.handle["peft"]
     return {"out": str(out_dir), "base": str(loaded.handle["base"]), "adapter": str(adapter) if adapter else None,
             "method": peft.method, "rank": peft.rank, "alpha": peft.alpha, "merged_layers": merged,
