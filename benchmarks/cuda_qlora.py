@@ -327,19 +327,25 @@ def worker_hf(spec: dict) -> dict:
 
     from trmlx.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, backend="cuda")  # the same LoRA / optimizer / schedule numbers as side A
+    # The same LoRA / optimizer / schedule numbers as side A (trmlx bench passes its own recipe and --set).
+    recipe = load_recipe(spec.get("recipe", RECIPE), spec.get("overrides", []), backend="cuda")
+    quantised = recipe.model.quantize_bits in (4, 8)
     gpu = torch.cuda.is_available()
     bf16 = gpu and native_bf16()  # not is_bf16_supported(): that is True on a T4 too (emulated bf16)
     dtype = torch.bfloat16 if bf16 else (torch.float16 if gpu else torch.float32)
     grad_checkpoint = recipe.train.grad_checkpoint
     start = time.perf_counter()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype)
+    bnb = (BitsAndBytesConfig(load_in_8bit=True) if recipe.model.quantize_bits == 8 else
+           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)) if quantised else None
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb, dtype=dtype,
                                                  device_map={"": 0 if gpu else "cpu"})
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpoint)
+    if quantised:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpoint)
+    elif grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     blocks = model.model.layers
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
                            if isinstance(m, torch.nn.Linear)})  # bnb's Linear4bit subclasses nn.Linear
@@ -374,7 +380,8 @@ def worker_hf(spec: dict) -> dict:
             self.previous = now
 
     timer = StepTimer()
-    optim = recipe.train.optimizer if gpu else "adamw_torch"  # paged_adamw_8bit on a GPU, as on side A
+    # paged_adamw_8bit on a GPU, as on side A; HF's name for plain AdamW is adamw_torch
+    optim = {"adamw": "adamw_torch"}.get(recipe.train.optimizer, recipe.train.optimizer) if gpu else "adamw_torch"
     with tempfile.TemporaryDirectory() as out_dir:
         args = TrainingArguments(
             output_dir=out_dir, per_device_train_batch_size=spec["batch_size"],
@@ -392,7 +399,8 @@ def worker_hf(spec: dict) -> dict:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     setup = {"dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "optimizer": optim,
              "grad_checkpoint": grad_checkpoint, "grad_accum": spec["grad_accum"],
-             "quant": "4-bit nf4 double_quant=True", "prepare_model_for_kbit_training": True,
+             "quant": {4: "4-bit nf4 double_quant=True", 8: "8-bit int8"}.get(recipe.model.quantize_bits, "none"),
+             "prepare_model_for_kbit_training": quantised,
              "lora": {"rank": recipe.peft.rank, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
                       "targets": linear_names, "layers": spec["lora_layers"]},
              "attn_implementation": getattr(model.config, "_attn_implementation", None),

@@ -15,6 +15,7 @@ from trmlx.data import prepare_data
 from trmlx.data.examples import tokenize
 from trmlx.distributed import is_main, world_size
 from trmlx.errors import UserError
+from trmlx.plan import resolve_batch
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
 from trmlx.report import MetricsLogger, StepReport, plot_losses
 from trmlx.rundir import RunDir, create_run_dir, default_run_path, environment_record
@@ -41,12 +42,17 @@ def resolve_run(recipe_path: str | None, backend: str, overrides: Sequence[str],
     if not recipe_path:
         raise UserError("train: give a RECIPE, or --resume RUN_DIR")
     recipe = load_recipe(recipe_path, overrides, backend)
+    recipe = resolve_batch(recipe, backend)  # batch_size = "auto" / memory_budget -> integers, saved with the run
     return TrainSetup(recipe, RunDir(Path(output) if output else default_run_path(recipe.name)), False)
 
 
 def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport, int], None] | None = None,
           on_start: Callable[[dict], None] | None = None) -> dict:
     """Run training to the end (or to Ctrl-C, which the backend checkpoints); returns the run summary."""
+    if setup.recipe.task == "embedding":  # contrastive training of an encoder: its own flow, same run directory
+        from trmlx.embedding import train_embedding
+
+        return train_embedding(setup, backend_name, on_report, on_start)
     recipe, run = setup.recipe, setup.run
     backend = get_backend(backend_name)
     data = prepare_data(recipe)

@@ -36,7 +36,8 @@ def main() -> None:
 
 
 def _register() -> None:
-    from trmlx.cli import check, env, eval_cmd, export_cmd, generate_cmd, plot, recipe_cmd, score, train
+    from trmlx.cli import check, env, eval_cmd, export_cmd, generate_cmd, plot, recipe_cmd, score, search_cmd, train
+    from trmlx.cli import bench_cmd, plan_cmd
 
     main.add_command(env.env)
     main.add_command(recipe_cmd.recipe)
@@ -47,6 +48,9 @@ def _register() -> None:
     main.add_command(eval_cmd.eval_command)
     main.add_command(generate_cmd.generate)
     main.add_command(export_cmd.export)
+    main.add_command(search_cmd.search)
+    main.add_command(bench_cmd.bench)
+    main.add_command(plan_cmd.plan)
 
 
 _register()

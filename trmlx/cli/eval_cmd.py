@@ -122,7 +122,16 @@ def _render(result: dict[str, Any]) -> None:
 def eval_command(targets: tuple[str, ...], adapter: str | None, backend: str | None, split: str,
                  max_samples: int | None, batch_size: int | None, output: str | None, compare: bool,
                  with_base: bool, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Generate on a split and score it: BLEU/chrF (or the recipe's metrics), loss and perplexity."""
+    """Generate on a split and score it: BLEU/chrF (or the recipe's metrics), loss and perplexity.
+
+    Embedding recipes and runs: retrieval against the corpus of all answers (accuracy@k, MRR@10, NDCG@10, ...);
+    `trmlx eval RUN_DIR --compare --base` (or `--compare base`) is the before/after table."""
+    from trmlx.cli.embed_eval import eval_embedding, is_embedding_target
+
+    if any(is_embedding_target(t) for t in targets):
+        eval_embedding(targets, adapter, backend, split, max_samples, batch_size, output, compare, with_base,
+                       overrides, as_json)
+        return
     if compare:
         _compare(targets, backend, split, max_samples, batch_size, output, with_base, overrides, as_json)
         return

@@ -17,10 +17,13 @@ from trmlx.cli.common import console, emit, json_option, set_option
               help="Run directory (default runs/<recipe-name>-<timestamp>).")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue the run in this directory from its latest checkpoint.")
+@click.option("--fit-budget", default=None, metavar="SIZE",
+              help="Fit a memory budget, e.g. 16GB: choose micro-batch, grad_accum (same effective batch) and "
+                   "checkpointing (= --set train.memory_budget=SIZE; see trmlx plan).")
 @set_option
 @json_option
-def train(recipe: str | None, backend: str, output: str | None, resume: str | None, overrides: tuple[str, ...],
-          as_json: bool) -> None:
+def train(recipe: str | None, backend: str, output: str | None, resume: str | None, fit_budget: str | None,
+          overrides: tuple[str, ...], as_json: bool) -> None:
     """Fine-tune the model of RECIPE; writes metrics, checkpoints, the adapter and a loss plot to the run dir."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -28,6 +31,8 @@ def train(recipe: str | None, backend: str, output: str | None, resume: str | No
     from trmlx.distributed import is_main
     from trmlx.errors import TrainingInterrupted
 
+    if fit_budget:
+        overrides += (f"train.memory_budget={fit_budget!r}",)
     setup = runner.resolve_run(recipe, backend, overrides, output, resume)
     out = console() if not as_json else console().__class__(file=sys.stderr)
     progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
@@ -62,5 +67,6 @@ def train(recipe: str | None, backend: str, output: str | None, resume: str | No
     if not is_main():
         return  # in a data-parallel launch rank 0 reports for everyone
     emit(summary, as_json, lambda s: out.print(
-        f"done: adapter {s['adapter']}, loss plot {s['plot']}, final train loss {s['final_train_loss']:.4f}"
+        f"done: {'model' if 'model' in s else 'adapter'} {s.get('model') or s['adapter']}, loss plot {s['plot']}, "
+        f"final train loss {s['final_train_loss']:.4f}"
         + (f", validation loss {s['final_valid_loss']:.4f}" if s["final_valid_loss"] is not None else "")))

@@ -143,6 +143,8 @@ def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: s
     for row in rows:
         values = dict(row.values)
         for role, column in roles.items():
+            if column not in row.values and role == "negatives":  # per row: a row without the field has none
+                continue
             if column not in row.values:
                 errors.append(f"{row.origin}: missing field '{column}'" + _role_note(role, column))
                 break

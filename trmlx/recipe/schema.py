@@ -109,7 +109,9 @@ class PeftConfig:
 class TrainConfig:
     epochs: float = doc(0.0, "Passes over the training data; set epochs or steps, not both.", minimum=0)
     steps: int = doc(0, "Optimizer steps; 0 = derived from epochs (1 epoch if neither is set).", minimum=0)
-    batch_size: int = doc(4, "Examples per micro-batch.", minimum=1)
+    batch_size: Union[int, Literal["auto"]] = doc(
+        4, 'Examples per micro-batch; "auto" = the largest that fits train.memory_budget (see trmlx plan).',
+        minimum=1)
     grad_accum: int = doc(1, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).",
                           minimum=1)
     lr: float = doc(1e-4, "Peak learning rate.", minimum=0, maximum=1)
@@ -119,6 +121,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "adafactor", "paged_adamw_8bit"] = doc("adamw", "Optimizer; paged_adamw_8bit is CUDA-only.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 = off.", minimum=0)
     grad_checkpoint: bool = doc(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    memory_budget: str = doc("", 'Peak-memory budget, e.g. "16GB": micro-batch, grad_accum and grad_checkpoint are '
+                                 'chosen to fit it, keeping the effective batch (trmlx plan); "" = off.')
+    effective_batch: int = doc(16, 'Examples per optimizer step kept when batch_size = "auto" (micro-batch × '
+                                   'grad_accum).', minimum=1)
     seed: int = doc(0, "Seed for weights init, shuffling and dropout.")
     eval_every: int = doc(200, "Validation loss every N steps; 0 = only at the end.", minimum=0)
     save_every: int = doc(200, "Checkpoint every N steps; 0 = only at the end.", minimum=0)
@@ -141,6 +147,37 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingConfig:
+    """Retrieval-encoder training (task = "embedding"): loss, pooling, prefixes and hard negatives."""
+
+    pooling: Literal["auto", "mean", "cls", "max"] = doc(
+        "auto", "Sentence pooling: auto = the model folder's own (mean for a bare HF encoder); BGE uses cls.")
+    normalize: bool = doc(True, "The saved model L2-normalises embeddings (cosine = dot product, as FAISS "
+                                "IndexFlatIP needs).")
+    scale: float = doc(20.0, "MultipleNegativesRankingLoss scale on cosine similarities (1 / temperature).",
+                       minimum=0.01, maximum=1000)
+    mini_batch_size: int = doc(0, "0 = plain MNRL; N > 0 = cached MNRL (GradCache): all of a batch's texts are "
+                                  "negatives, but only N texts go through the model at once.", minimum=0)
+    matryoshka_dims: list[int] = doc([], "MatryoshkaLoss over these leading dimensions, e.g. [384, 256, 128, 64]; "
+                                         "empty = off.")
+    query_prefix: str = doc("", "Text put before every query, e.g. a BGE instruction or 'query: ' for E5.")
+    passage_prefix: str = doc("", "Text put before every answer and negative, e.g. 'passage: ' for E5.")
+    max_query_length: int = doc(0, "Longest tokenised query; 0 = data.max_length.", minimum=0)
+    max_passage_length: int = doc(0, "Longest tokenised answer or negative; 0 = data.max_length.", minimum=0)
+    negatives: Literal["auto", "none", "explicit", "mined", "random"] = doc(
+        "auto", "Hard negatives: explicit (the data's), mined (with the base model), random (other answers) or none "
+                "(in-batch only); auto = the data's where a row has them, mined for the other rows.")
+    num_negatives: int = doc(3, "Hard negatives per query (explicit lists are cut to this many).", minimum=1,
+                             maximum=64)
+    mine_skip: int = doc(2, "Mining: skip this many top-ranked other answers (often unlabelled positives).",
+                         minimum=0)
+    mine_margin: float = doc(0.95, "Mining: a negative may score at most this fraction of the positive's score.",
+                             minimum=0, maximum=1)
+    mine_depth: int = doc(50, "Mining: negatives come from this many top-ranked other answers.", minimum=1)
+    top_k: int = doc(10, "Answers per query in eval predictions and `trmlx search` output.", minimum=1)
+
+
+@dataclass(frozen=True)
 class Recipe:
     task: TaskKind = doc("causal", "causal (decoder LM) | seq2seq (T5/mT5) | embedding (retrieval encoder).")
     name: str = doc("", "Run name; default is the recipe file's name.")
@@ -150,6 +187,8 @@ class Recipe:
     peft: PeftConfig = doc(PeftConfig(), "Parameter-efficient method and its settings.")
     train: TrainConfig = doc(TrainConfig(), "Optimisation and checkpointing.")
     eval: EvalConfig = doc(EvalConfig(), "Evaluation metrics and generation settings.")
+    embedding: EmbeddingConfig = doc(EmbeddingConfig(), "Embedding (retrieval) training: loss, pooling, prefixes, "
+                                                        "hard negatives.")
     backend: dict[str, Any] = doc(
         {}, "Per-backend overrides: [backend.mlx.train] batch_size = 2 applies only with --backend mlx."
     )

@@ -1,0 +1,363 @@
+"""`trmlx bench`: training and eval-generation throughput, MFU and peak memory of a recipe's shape on each backend,
+next to the tools people use today (mlx_lm.lora on MLX, a transformers Trainer + peft + bitsandbytes script on
+CUDA) measured in the same run, and next to `trmlx plan`'s prediction for the same configuration.
+
+Per (backend, seq_len, batch size) one fresh process per side (trmlx.bench_workers): warm-up steps, then --trials
+trials of --steps timed steps with the device synchronised before every clock read; the median trial and the
+min-max spread are reported. Training tokens/s counts the trained (target) tokens, the second half of each
+synthetic row; MFU = 4·N·(all tokens/s) / the device's dense matmul rate, measured here too (N = every base
+parameter; all tokens, because the backward pass runs through every position; checkpointing's recompute is not
+counted). Ratios trmlx / peer come from the same run on the same machine.
+
+Results: a table on the terminal, and JSON (package versions, git hash, device, recipe hash) plus a PNG chart in
+benchmarks/results/ (or --out), named bench-<recipe>-<device>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from trmlx.bench_workers import REPO, benchmark_module
+from trmlx.errors import UserError
+from trmlx.plan import GB, PRESETS, ModelShape, load_shape, make_target, plan_memory, target_names
+
+RESULTS = REPO / "benchmarks" / "results"
+PEERS = {"mlx": "mlx-lm", "cuda": "hf"}
+PEER_NEEDS = {"mlx-lm": ("mlx_lm",), "hf": ("transformers", "peft", "accelerate")}
+BACKEND_NEEDS = {"mlx": ("mlx", "mlx_lm"), "cuda": ("torch", "transformers", "peft")}
+GPU_PARAMETERS = 1e9  # a model this big on a CPU would take hours per step: refuse it
+
+
+def installed(modules: Sequence[str]) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps: int = 5, trials: int = 3,
+              warmup: int = 2, seq_lens: Sequence[int] = (), batch_sizes: Sequence[int] = (), grad_accum: int = 1,
+              model_shape: str | None = None, peers: bool = True, out: Path | None = None,
+              overrides: Sequence[str] = (), max_new_tokens: int | None = None, seed: int = 0,
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
+    """Measure every (backend, seq_len, batch size) and write the result files; returns the result record."""
+    from trmlx.recipe import load_recipe, recipe_to_toml
+    from trmlx.rundir import atomic_write, environment_record
+
+    backends = list(backends or [b for b in ("mlx", "cuda") if installed(BACKEND_NEEDS[b])])
+    missing = [b for b in backends if b not in BACKEND_NEEDS or not installed(BACKEND_NEEDS[b])]
+    if missing or not backends:
+        raise UserError(f"--backends: {', '.join(missing) or 'none'} not installed (pip install 'trmlx[mlx]' or "
+                        "'trmlx[cuda]')")
+    if min(steps, trials) < 1 or warmup < 0 or grad_accum < 1:
+        raise UserError("--steps and --trials must be ≥ 1, --warmup ≥ 0")
+    recipes = {b: load_recipe(recipe_path, overrides, backend=b) for b in backends}
+    first = recipes[backends[0]]
+    if first.task != "causal":
+        raise UserError(f"bench measures causal-LM recipes; {recipe_path} is a {first.task} recipe")
+    shape = load_shape(first, model_shape)
+    from trmlx.plan import detect_kind
+
+    kinds = {b: detect_kind(b) for b in backends}
+    if shape.parameters() > GPU_PARAMETERS and any(k == "cpu" for k in kinds.values()):
+        cpu = [b for b, k in kinds.items() if k == "cpu"]
+        raise UserError(f"--model-shape {model_shape or first.model.path}: {shape.parameters() / 1e9:.1f}B "
+                        f"parameters need a GPU, and the {'/'.join(cpu)} backend sees none on this machine; on a "
+                        f"CPU bench --model-shape tiny (or a model under {GPU_PARAMETERS / 1e9:.0f}B parameters)")
+    seq_lens = list(seq_lens) or [first.data.max_length]
+    if not batch_sizes:
+        if first.train.batch_size == "auto":
+            raise UserError('train.batch_size is "auto": give --batch-size (bench measures fixed sizes)')
+        batch_sizes = [first.train.batch_size]
+    if min(seq_lens) < 8:
+        raise UserError("--seq-len must be at least 8")
+
+    temp = Path(tempfile.mkdtemp(prefix="trmlx-bench-"))
+    try:
+        if model_shape:
+            gpu = any(k != "cpu" for k in kinds.values())
+            model_dir = temp / "model"
+            config = {**_shape_config(model_shape), "torch_dtype": "bfloat16" if gpu else "float32"}
+            log(f"building a random {shape.parameters() / 1e6:.1f}M-parameter {shape.model_type} in {model_dir}")
+            build_random_model(model_dir, config, seed)
+            shape = ModelShape.from_config(config, f"--model-shape {model_shape}")
+        else:
+            model_dir = model_folder(first)
+        configs = []
+        peak_flops: dict[str, float] = {}
+        matmul: dict[str, Any] = {}
+        work = temp / "work"
+        work.mkdir()
+        for backend in backends:
+            recipe = recipes[backend]
+            peer = PEERS[backend] if peers and installed(PEER_NEEDS[PEERS[backend]]) else None
+            if peers and peer is None:
+                log(f"peer {PEERS[backend]} not installed: skipped")
+            for seq_len in seq_lens:
+                for batch in batch_sizes:
+                    spec = _spec(recipe_path, overrides, backend, recipe, shape, model_dir, seq_len, batch, grad_accum,
+                                 warmup, steps, trials, seed, max_new_tokens)
+                    spec["measure_matmul"] = backend not in matmul
+                    label = f"{backend}-s{seq_len}-b{batch}"
+                    log(f"running trmlx {label}")
+                    raw = _run_worker("trmlx", spec, work, f"trmlx-{label}")
+                    if raw.get("matmul"):
+                        matmul[backend] = raw["matmul"]
+                        peak_flops[backend] = raw["matmul"]["peak_flops"]
+                    record = {"backend": backend, "seq_len": seq_len, "batch_size": batch,
+                              "trmlx": _summary(raw, spec, shape, peak_flops.get(backend))}
+                    if "error" not in raw:
+                        record["plan"] = _plan_check(recipe, backend, shape, raw, spec)
+                    if peer:
+                        log(f"running {peer} {label}")
+                        peer_raw = (_run_hf(spec, work, f"hf-{label}") if peer == "hf"
+                                    else _run_worker("mlx-lm", spec, work, f"mlx-lm-{label}"))
+                        record[peer] = _summary(peer_raw, spec, shape, peak_flops.get(backend))
+                        record["ratios"] = _ratios(record["trmlx"], record[peer], raw.get("device_kind"))
+                    configs.append(record)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+    devices = {b: _device(b) for b in backends}
+    device_name = "+".join(dict.fromkeys(str(d.get("name", "?")) for d in devices.values()))
+    slug = benchmark_module("cuda_qlora").slug(device_name)
+    name = first.name or Path(recipe_path).stem
+    result = {
+        "benchmark": "trmlx bench", "recipe": str(recipe_path), "recipe_name": name,
+        "recipe_sha256": {b: hashlib.sha256(recipe_to_toml(r).encode()).hexdigest()[:16] for b, r in recipes.items()},
+        "overrides": list(overrides), "model": shape.describe(),
+        "model_source": f"--model-shape {model_shape} (random weights)" if model_shape else first.model.path,
+        "settings": {"steps_per_trial": steps, "trials": trials, "warmup_steps": warmup, "grad_accum": grad_accum,
+                     "rows": "synthetic, exactly seq_len tokens, loss on the second half", "seed": seed,
+                     "mfu": "4·N·all tokens/s over the measured matmul rate (recompute not counted)"},
+        "devices": devices, "matmul": matmul, "configs": configs,
+        "load_average": {"1min": os.getloadavg()[0], "cpus": os.cpu_count()},
+        "environment": environment_record(backend=",".join(backends), device=devices),
+    }
+    out = Path(out) if out else RESULTS
+    path = out / f"bench-{_slug(name)}-{slug}.json"
+    atomic_write(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    plot(result, path.with_suffix(".png"))
+    result["files"] = [str(path), str(path.with_suffix(".png"))]
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- the model
+
+def _shape_config(model_shape: str) -> dict[str, Any]:
+    if model_shape in PRESETS:
+        return dict(PRESETS[model_shape])
+    path = Path(model_shape)
+    return json.loads((path / "config.json" if path.is_dir() else path).read_text())
+
+
+def model_folder(recipe: Any) -> Path:
+    """The recipe's model as a local folder (a hub id only if it is already in the cache; bench never downloads)."""
+    path = Path(recipe.model.path)
+    if (path / "config.json").is_file():
+        return path
+    shape = load_shape(recipe)  # a clear error when not cached
+    return Path(shape.source.removesuffix(" (hub cache)")).parent if shape.source.endswith("(hub cache)") else path
+
+
+def build_random_model(out: Path, config: dict[str, Any], seed: int = 0) -> None:
+    """config.json, random weights (transformers from_config, on the GPU when there is one) and a small tokenizer
+    trained on the shipped en_tr text; never downloads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trmlx.tiny import llama_config, save_tokenizer, shipped_texts, train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    if config.get("model_type", "llama") == "llama":  # spelled out like trmlx.tiny (special-token ids included)
+        h, heads = config["hidden_size"], config["num_attention_heads"]
+        full = {**llama_config(vocab_size=config["vocab_size"], hidden_size=h, num_layers=config["num_hidden_layers"],
+                               num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+                               intermediate_size=config["intermediate_size"],
+                               max_position_embeddings=config.get("max_position_embeddings", 2048)), **config}
+    else:
+        full = dict(config)
+    hf_config = AutoConfig.for_model(**{k: v for k, v in full.items() if k != "architectures"})
+    dtype = torch.bfloat16 if full.get("torch_dtype") == "bfloat16" else torch.float32
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.save_pretrained(out, max_shard_size="2GB")
+    del model
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **full},
+                                                indent=2) + "\n")
+    tokenizer = train_tokenizer(shipped_texts(REPO / "recipes" / "data" / "en_tr"),
+                                vocab_size=min(1024, full["vocab_size"]))
+    tokenizer.model_max_length = full.get("max_position_embeddings", 2048)
+    save_tokenizer(tokenizer, out)
+
+
+# ---------------------------------------------------------------------------------------------- run and measure
+
+def _spec(recipe_path: str, overrides: Sequence[str], backend: str, recipe: Any, shape: ModelShape, model_dir: Path,
+          seq_len: int, batch: int, grad_accum: int, warmup: int, steps: int, trials: int, seed: int,
+          max_new_tokens: int | None) -> dict[str, Any]:
+    total = warmup + steps * trials + 2  # + 2 steps for the torch-on-CPU profiler pass
+    return {"backend": backend, "recipe": str(Path(recipe_path).resolve()), "overrides": list(overrides),
+            "model_dir": str(model_dir), "seq_len": seq_len, "batch_size": batch, "grad_accum": grad_accum,
+            "warmup": warmup, "steps": steps, "trials": trials, "total_steps": total, "seed": seed,
+            "vocab_size": shape.vocab_size, "grad_checkpoint": recipe.train.grad_checkpoint,
+            # No LR warm-up: its tiny first updates put fp32 CPU math into denormals (measured: torch steps 100x
+            # slower during a warm-up on this CPU), and the speed of a step does not depend on the LR otherwise.
+            "lr_warmup_steps": 0,
+            "lora_layers": recipe.peft.layers or shape.num_layers,
+            "lora_keys": target_names(shape, recipe.peft.targets),
+            "eval_batch_size": recipe.eval.batch_size, "prompt_len": seq_len // 2,
+            "max_new_tokens": max_new_tokens or recipe.eval.max_new_tokens}
+
+
+def _run_worker(name: str, spec: dict[str, Any], work: Path, label: str) -> dict[str, Any]:
+    return _subprocess([sys.executable, "-m", "trmlx.bench_workers", name], spec, work, label)
+
+
+def _run_hf(spec: dict[str, Any], work: Path, label: str) -> dict[str, Any]:
+    """benchmarks/cuda_qlora.py's own worker runner (it runs `cuda_qlora.py --worker hf`)."""
+    return benchmark_module("cuda_qlora").run_worker("hf", spec, work, label)
+
+
+def _subprocess(command: list[str], spec: dict[str, Any], work: Path, label: str) -> dict[str, Any]:
+    spec_path, result_path, log_path = (work / f"{label}.{s}" for s in ("spec.json", "result.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([*command, str(spec_path), str(result_path)], stdout=log, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPO)
+    if proc.returncode == 0 and result_path.is_file():
+        return {**json.loads(result_path.read_text()), "process_seconds": round(time.perf_counter() - start, 2)}
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    print(f"  {label}: failed (exit {proc.returncode}):\n    " + "\n    ".join(lines[-12:]), file=sys.stderr)
+    return {"error": (lines[-1] if lines else f"exit code {proc.returncode}")[:300]}
+
+
+def _summary(raw: dict[str, Any], spec: dict[str, Any], shape: ModelShape, peak_flops: float | None) -> dict:
+    if "error" in raw:
+        return raw
+    out = benchmark_module("cuda_qlora").summarise(raw, spec, shape.parameters(), peak_flops or float("nan"))
+    # cuda_qlora's HF worker has only the process RSS on a CPU, and reports it as its peak there
+    cpu_rss = str(raw.get("memory_kind", "")).startswith("peak resident")
+    out["rss_peak_gb"] = raw.get("rss_peak_gb") or (raw["peak_memory_gb"] if cpu_rss else None)
+    gen = raw.get("generation")
+    if gen:
+        rates = [gen["tokens"][0] / s for s in gen["seconds"]]
+        out["generation"] = {**gen, "tokens_per_second": benchmark_module("cuda_qlora").spread(rates)}
+    return out
+
+
+def _plan_check(recipe: Any, backend: str, shape: ModelShape, raw: dict[str, Any], spec: dict[str, Any]) -> dict:
+    """trmlx plan's prediction for exactly this configuration against the measured peaks."""
+    target = make_target(recipe, backend, shape, raw["device_kind"])
+    plan = plan_memory(recipe, backend, shape, target, batch_size=spec["batch_size"], grad_accum=spec["grad_accum"],
+                       grad_checkpoint=spec["grad_checkpoint"], seq_len=spec["seq_len"],
+                       eval_batch_size=spec["eval_batch_size"], prompt_len=spec["prompt_len"],
+                       max_new_tokens=spec["max_new_tokens"])
+    train, gen = raw["peak_memory_gb"] * GB, raw["generation"]["peak_memory_gb"] * GB
+    return {"train_predicted_gb": round(plan.train_peak / GB, 5), "train_measured_gb": round(train / GB, 5),
+            "train_error_pct": round(100 * (plan.train_peak - train) / train, 1),
+            "eval_predicted_gb": round(plan.eval_peak / GB, 5), "eval_measured_gb": round(gen / GB, 5),
+            "eval_error_pct": round(100 * (plan.eval_peak - gen) / gen, 1), "counter": raw["memory_kind"],
+            "terms_gb": {t.name: round(t.bytes / GB, 5) for t in plan.terms}}
+
+
+def _ratios(ours: dict, peer: dict, kind: str | None) -> dict[str, Any]:
+    if "error" in ours or "error" in peer:
+        return {}
+    speed = ours["trained_tokens_per_second"]["median"] / peer["trained_tokens_per_second"]["median"]
+    # Torch on a CPU: the peer's only counter is the process RSS, so compare RSS with RSS there.
+    key = "rss_peak_gb" if kind == "cpu" and ours["memory_kind"].startswith("torch profiler") else "peak_memory_gb"
+    memory = ours[key] / peer[key] if ours.get(key) and peer.get(key) else None
+    return {"speed": round(speed, 3), "memory": None if memory is None else round(memory, 3), "memory_basis": key}
+
+
+def _device(backend: str) -> dict[str, Any]:
+    module = "trmlx.backends.mlx.device" if backend == "mlx" else "trmlx.backends.cuda.device"
+    return __import__(module, fromlist=["describe_device"]).describe_device()
+
+
+def _slug(text: str) -> str:
+    return benchmark_module("cuda_qlora").slug(text)
+
+
+# -------------------------------------------------------------------------------------------------- presentation
+
+def table(result: dict[str, Any]) -> str:
+    head = (f"{'backend':7} {'seq':>5} {'bs':>3} | {'side':7} | {'train tok/s (min-max)':>24} | {'step s':>7} | "
+            f"{'MFU':>6} | {'peak GB':>8} | {'plan GB':>8} {'err':>6} | {'gen tok/s':>9} | ratio vs peer")
+    lines = [head, "-" * len(head)]
+    for c in result["configs"]:
+        for side in ["trmlx", *(p for p in PEERS.values() if p in c)]:
+            r = c[side]
+            where = f"{c['backend']:7} {c['seq_len']:>5} {c['batch_size']:>3} | {side:7} |"
+            if "error" in r:
+                lines.append(f"{where} failed: {r['error'][:80]}")
+                continue
+            t = r["trained_tokens_per_second"]
+            plan = c.get("plan", {}) if side == "trmlx" else {}
+            gen = r.get("generation", {}).get("tokens_per_second", {}).get("median")
+            ratio = c.get("ratios", {}) if side == "trmlx" else {}
+            lines.append(
+                f"{where} {t['median']:>9.1f} ({t['min']:>6.1f}-{t['max']:>6.1f}) | "
+                f"{r['step_seconds']['median']:>7.3f} | {100 * r['mfu']['median']:>5.2f}% | "
+                f"{r['peak_memory_gb']:>8.4f} | "
+                + (f"{plan['train_predicted_gb']:>8.4f} {plan['train_error_pct']:>+5.1f}%" if plan else f"{'':>15}")
+                + f" | {gen if gen is not None else float('nan'):>9.1f} | "
+                + (f"speed {ratio['speed']}x, memory {ratio['memory']}x" if ratio else ""))
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = result["configs"]
+    labels = [f"{c['backend']}\nseq {c['seq_len']} bs {c['batch_size']}" for c in configs]
+    sides = ["trmlx", "mlx-lm", "hf"]
+    colours = {"trmlx": "#c0392b", "mlx-lm": "#2c3e50", "hf": "#ff7f0e"}
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 2.2 * len(configs) + 6), 4.4))
+    width = 0.38
+    for k, side in enumerate(sides):
+        xs = [i + (k - 0.5) * width if side == "trmlx" else i + width / 2 for i in range(len(configs))]
+        rows = [(x, c[side]) for x, c in zip(xs, configs) if side in c and "error" not in c[side]]
+        if not rows:
+            continue
+        med = [r["trained_tokens_per_second"]["median"] for _, r in rows]
+        err = [[m - r["trained_tokens_per_second"]["min"] for m, (_, r) in zip(med, rows)],
+               [r["trained_tokens_per_second"]["max"] - m for m, (_, r) in zip(med, rows)]]
+        axes[0].bar([x for x, _ in rows], med, width, yerr=err, capsize=3, color=colours[side], label=side)
+        axes[1].bar([x for x, _ in rows], [r["peak_memory_gb"] * 1000 for _, r in rows], width, color=colours[side],
+                    label=f"{side} measured")
+    plan_rows = [(i, c["plan"]) for i, c in enumerate(configs) if "plan" in c]
+    axes[1].scatter([i - width / 2 for i, _ in plan_rows], [p["train_predicted_gb"] * 1000 for _, p in plan_rows],
+                    marker="D", color="#f1c40f", edgecolors="black", zorder=3, label="trmlx plan")
+    gens = [(i, c["trmlx"]["generation"]["tokens_per_second"]["median"]) for i, c in enumerate(configs)
+            if "generation" in c["trmlx"]]
+    axes[2].bar([i for i, _ in gens], [g for _, g in gens], 0.5, color=colours["trmlx"])
+    titles = ("trained tokens/s (median, min-max)", "training peak memory (MB; allocator counters)",
+              "trmlx eval generation tokens/s (batched)")
+    for ax, title in zip(axes, titles):
+        ax.set_xticks(range(len(configs)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    devices = ", ".join(f"{b}: {d.get('name')}" for b, d in result["devices"].items())
+    fig.suptitle(f"trmlx bench {result['recipe_name']} — {result['model_source']} — {devices}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
