@@ -2,26 +2,27 @@
 
 Model: the packaged all-MiniLM-L6-v2 (full fine-tuning, fp32 on the CPU, bf16 autocast on a bf16 GPU for both).
 Data: recipes/data/tr_qa_retrieval train (239 pairs), each with exactly one random other answer as hard negative
-(trmlx's `negatives = "random"`, written out once, so both systems train on identical (anchor, positive,
-negative) triplets) in the same batches: trmlx's duplicate-free batches, handed to sentence-transformers through
-a DefaultBatchSampler subclass (its own BatchSamplers.NO_DUPLICATES would draw other batches, with other token
-counts). MultipleNegativesRankingLoss, scale 20, batch 16, 64 tokens per text, AdamW lr 5e-5 with 2 warm-up steps then
-linear decay, weight decay 0, gradient clipping at 1.0, seed 0, --steps optimizer steps, no evaluation or saving
-inside the timed region. Systems, each trial a fresh subprocess, trials interleaved after one untimed warm-up run
-of each:
+(trmlx's `negatives = "random"`, written out once), in the same batches: trmlx's duplicate-free batches, handed to
+sentence-transformers through a DefaultBatchSampler subclass (its own BatchSamplers.NO_DUPLICATES would draw other
+batches, with other token counts). MultipleNegativesRankingLoss, scale 20, batch 16, 64 tokens per text, AdamW lr
+5e-5 decaying linearly from the first step (the Trainer's warm-up counts from step 0, trmlx's from step 1: without
+warm-up both follow the same curve; with a dropout-free copy of the model both then log the same losses), weight
+decay 0, gradient clipping at 1.0, seed 0, --steps optimizer steps, no evaluation or saving inside the timed region. Systems, each trial a fresh subprocess, trials interleaved
+after one untimed warm-up run of each:
 
   trmlx    trmlx.backends.cuda.embed: load + train_loop (what `trmlx train --backend cuda` runs for embeddings)
   st       SentenceTransformerTrainer(model, args, train_dataset, loss=MultipleNegativesRankingLoss(model))
 
-Measured per trial: training examples (questions) per second over the timed training region (model loaded,
-data ready: first step to last update; trmlx's final resumable checkpoint — weights + AdamW state, which
-sentence-transformers' trainer with save_strategy="no" does not write — is timed separately), the process's wall
-time, and the last logged training loss.
+Measured per trial, over the timed training region (model loaded, data ready: first step to last update):
+training examples (questions) per second and per CPU-second of the process (steadier than wall time on a shared
+machine); trmlx's final resumable checkpoint (weights + AdamW state, which the trainer with save_strategy="no" does
+not write) is timed separately; the process's wall time; the first and last logged training losses.
 
     python benchmarks/embed_vs_sentence_transformers.py [--steps 10] [--trials 3]
 
-The speed comparison is the median over trials of trmlx's rate / sentence-transformers' rate measured back to
-back (shared machines change speed from minute to minute). Prints a table, then one JSON line last; writes benchmarks/results/embed_vs_sentence_transformers-<device>.json.
+Speed is compared as the median over trials of trmlx's rate / sentence-transformers' rate measured back to back,
+and as the ratio of examples per CPU-second. Prints a table, then one JSON line last; writes
+benchmarks/results/embed_vs_sentence_transformers-<device>.json.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "qa_embed_quickstart.toml"
-HP = {"batch_size": 16, "lr": 5e-5, "warmup_steps": 2, "schedule": "linear", "max_length": 64, "scale": 20.0,
+HP = {"batch_size": 16, "lr": 5e-5, "warmup_steps": 0, "schedule": "linear", "max_length": 64, "scale": 20.0,
       "negatives": "random, 1 per question", "weight_decay": 0.0, "grad_clip": 1.0, "seed": 0}
 
 
@@ -59,13 +60,15 @@ def child_trmlx(steps: int, workdir: Path) -> dict[str, Any]:
     recipe = load_recipe(RECIPE, overrides(steps), "cuda")
     model = embed.load(recipe, train=True)
     examples = read_examples(workdir / "triplets.jsonl")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     reports = []
     for report in embed.train_loop(model, recipe, examples, [], workdir / f"run-{os.getpid()}"):
         reports.append(report)
-        last_step = time.perf_counter()  # the last report comes after the last update, before the final checkpoint
+        # The last report comes after the last update, before the final checkpoint.
+        last_step, cpu_last = time.perf_counter(), time.process_time()
     end = time.perf_counter()
-    return {"seconds": last_step - start, "checkpoint_seconds": end - last_step, "examples": steps * HP["batch_size"],
+    return {"seconds": last_step - start, "cpu_seconds": cpu_last - cpu_start, "checkpoint_seconds": end - last_step,
+            "examples": steps * HP["batch_size"],
             "first_loss": reports[0].loss, "last_loss": reports[-1].loss}
 
 
@@ -102,18 +105,18 @@ def child_st(steps: int, workdir: Path) -> dict[str, Any]:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            clock["start"] = time.perf_counter()
+            clock["start"], clock["cpu_start"] = time.perf_counter(), time.process_time()
 
         def on_train_end(self, *a, **k):
-            clock["end"] = time.perf_counter()
+            clock["end"], clock["cpu_end"] = time.perf_counter(), time.process_time()
 
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                          loss=MultipleNegativesRankingLoss(model, scale=HP["scale"]),
                                          callbacks=[Clock()])
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"seconds": clock["end"] - clock["start"], "examples": steps * HP["batch_size"], "first_loss": losses[0],
-            "last_loss": losses[-1]}
+    return {"seconds": clock["end"] - clock["start"], "cpu_seconds": clock["cpu_end"] - clock["cpu_start"],
+            "examples": steps * HP["batch_size"], "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def run_child(system: str, steps: int, workdir: Path) -> dict[str, Any]:
@@ -125,6 +128,7 @@ def run_child(system: str, steps: int, workdir: Path) -> dict[str, Any]:
     result = json.loads(out.read_text())
     result["wall_seconds"] = time.perf_counter() - start
     result["examples_per_second"] = result["examples"] / result["seconds"]
+    result["examples_per_cpu_second"] = result["examples"] / result["cpu_seconds"]
     return result
 
 
@@ -171,6 +175,9 @@ def main() -> None:
         summary[system] = {"examples_per_second_median": statistics.median(rates), "examples_per_second": rates,
                            "wall_seconds_median": statistics.median(walls), "wall_seconds": walls,
                            "train_seconds": [r["seconds"] for r in results],
+                           "examples_per_cpu_second_median": statistics.median(
+                               r["examples_per_cpu_second"] for r in results),
+                           "examples_per_cpu_second": [r["examples_per_cpu_second"] for r in results],
                            "checkpoint_seconds": [r.get("checkpoint_seconds", 0.0) for r in results],
                            "first_loss": [r["first_loss"] for r in results],
                            "last_loss": [r["last_loss"] for r in results]}
@@ -178,22 +185,27 @@ def main() -> None:
     # median of the per-pair ratios is the robust comparison; the ratio of medians is kept for reference.
     pair_ratios = [a["examples_per_second"] / b["examples_per_second"] for a, b in zip(trials["trmlx"], trials["st"])]
     ratio = statistics.median(pair_ratios)
+    cpu_ratio = summary["trmlx"]["examples_per_cpu_second_median"] / summary["st"]["examples_per_cpu_second_median"]
     device = describe_device()
     result = {"benchmark": "embed_vs_sentence_transformers", "steps": args.steps, "trials": args.trials,
               "train_examples": count, "hyperparameters": HP, "systems": summary,
-              "speed_ratio_trmlx_over_st": ratio, "pair_ratios": pair_ratios,
+              "speed_ratio_trmlx_over_st": ratio, "pair_ratios": pair_ratios, "cpu_time_ratio": cpu_ratio,
               "ratio_of_medians": summary["trmlx"]["examples_per_second_median"] /
               summary["st"]["examples_per_second_median"], "environment": environment_record("cuda", device)}
-    print(f"{'system':8} {'examples/s (median)':>20} {'spread':>18} {'wall s (median)':>16} {'last loss':>10}")
+    print(f"{'system':8} {'examples/s (median)':>20} {'spread':>14} {'examples/CPU-s':>15} {'wall s (median)':>16} "
+          f"{'first loss':>10}")
     for system, s in summary.items():
         spread = f"{min(s['examples_per_second']):.2f}–{max(s['examples_per_second']):.2f}"
-        print(f"{system:8} {s['examples_per_second_median']:20.2f} {spread:>18} {s['wall_seconds_median']:16.1f} "
-              f"{statistics.median(s['last_loss']):10.4f}")
+        print(f"{system:8} {s['examples_per_second_median']:20.2f} {spread:>14} "
+              f"{s['examples_per_cpu_second_median']:15.3f} {s['wall_seconds_median']:16.1f} "
+              f"{statistics.median(s['first_loss']):10.4f}")
+    print(f"trmlx / sentence-transformers examples per CPU-second: {cpu_ratio:.3f}")
     print(f"trmlx / sentence-transformers examples/s, median of {len(pair_ratios)} back-to-back pairs: {ratio:.3f} "
           f"(pairs {', '.join(f'{r:.3f}' for r in pair_ratios)}; {device['name']})")
     out = REPO / "benchmarks" / "results" / f"embed_vs_sentence_transformers-{device['kind']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"benchmark": result["benchmark"], "device": device["name"], "ratio": round(ratio, 4),
+                      "cpu_time_ratio": round(cpu_ratio, 4),
                       **{f"{k}_examples_per_second": round(v["examples_per_second_median"], 3)
                          for k, v in summary.items()}}))
 

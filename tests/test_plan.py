@@ -18,9 +18,6 @@ QUICKSTART = REPO / "recipes" / "quickstart.toml"
 TINY = REPO / "recipes" / "models" / "tiny-llama-tr"
 TRANSLATE = REPO / "recipes" / "translate_7b.toml"
 TOLERANCE = 0.20  # the bar: every configuration bench measures is predicted within ±20%
-# MLX's CPU peak counter is not reproducible to ±20% itself: the same configuration measured 31.3 MB in the
-# calibration run and 38.4 MB in a loaded CI run (a 23% spread), so its bound here is wider; torch's holds ±20%.
-TOLERANCE_MLX_CPU = 0.35
 
 # (backend, shape (trmlx.tiny.build_tiny_llama kwargs), batch, seq_len, grad_checkpoint, quantize_bits)
 ACCURACY = [
@@ -95,9 +92,8 @@ def test_prediction_within_20_percent_of_measured_peak(tmp_path, backend, shape,
                        batch_size=batch, grad_accum=1, grad_checkpoint=ckpt, seq_len=seq_len, eval_batch_size=4,
                        prompt_len=seq_len // 2, max_new_tokens=8)
     train, generate = raw["peak_memory_gb"] * GB, raw["generation"]["peak_memory_gb"] * GB
-    bound = TOLERANCE_MLX_CPU if raw["memory_kind"] == "mx.get_peak_memory" else TOLERANCE
-    assert abs(plan.train_peak / train - 1) <= bound, (plan.train_peak, train, raw["memory_kind"])
-    assert abs(plan.eval_peak / generate - 1) <= bound, (plan.eval_peak, generate, raw["memory_kind"])
+    assert abs(plan.train_peak / train - 1) <= TOLERANCE, (plan.train_peak, train, raw["memory_kind"])
+    assert abs(plan.eval_peak / generate - 1) <= TOLERANCE, (plan.eval_peak, generate, raw["memory_kind"])
 
 
 def test_auto_batch_keeps_the_effective_batch_and_fits():

@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 from trmlx.bench_workers import REPO, benchmark_module
 from trmlx.errors import UserError
-from trmlx.plan import GB, PRESETS, ModelShape, load_shape, make_target, plan_memory, target_names
+from trmlx.model_shape import PRESETS, ModelShape, load_shape
+from trmlx.plan import GB, make_target, plan_memory, target_names
 
 RESULTS = REPO / "benchmarks" / "results"
 PEERS = {"mlx": "mlx-lm", "cuda": "hf"}
@@ -125,6 +126,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
+    _device_mfu(configs, peak_flops)
     devices = {b: _device(b) for b in backends}
     device_name = "+".join(dict.fromkeys(str(d.get("name", "?")) for d in devices.values()))
     slug = benchmark_module("cuda_qlora").slug(device_name)
@@ -133,10 +135,13 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         "benchmark": "trmlx bench", "recipe": str(recipe_path), "recipe_name": name,
         "recipe_sha256": {b: hashlib.sha256(recipe_to_toml(r).encode()).hexdigest()[:16] for b, r in recipes.items()},
         "overrides": list(overrides), "model": shape.describe(),
-        "model_source": f"--model-shape {model_shape} (random weights)" if model_shape else first.model.path,
+        "model_source": f"--model-shape {model_shape} (random weights)" if model_shape else
+        first.model.path.removeprefix(str(REPO) + "/"),
         "settings": {"steps_per_trial": steps, "trials": trials, "warmup_steps": warmup, "grad_accum": grad_accum,
                      "rows": "synthetic, exactly seq_len tokens, loss on the second half", "seed": seed,
-                     "mfu": "4·N·all tokens/s over the measured matmul rate (recompute not counted)"},
+                     "mfu": "4·N·all tokens/s over the device's matmul rate = the best rate measured by any backend "
+                            "in this run (mfu_own_rate: over the backend's own rate); recompute not counted",
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "devices": devices, "matmul": matmul, "configs": configs,
         "load_average": {"1min": os.getloadavg()[0], "cpus": os.cpu_count()},
         "environment": environment_record(backend=",".join(backends), device=devices),
@@ -163,13 +168,15 @@ def model_folder(recipe: Any) -> Path:
     path = Path(recipe.model.path)
     if (path / "config.json").is_file():
         return path
-    shape = load_shape(recipe)  # a clear error when not cached
-    return Path(shape.source.removesuffix(" (hub cache)")).parent if shape.source.endswith("(hub cache)") else path
+    return Path(load_shape(recipe).source).parent  # the cached snapshot; a clear error when not cached
 
 
 def build_random_model(out: Path, config: dict[str, Any], seed: int = 0) -> None:
     """config.json, random weights (transformers from_config, on the GPU when there is one) and a small tokenizer
     trained on the shipped en_tr text; never downloads."""
+    if not installed(("torch", "transformers")):
+        raise UserError("--model-shape builds its random model with torch + transformers (pip install "
+                        "'trmlx[cuda]'); or bench a model folder you have")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -282,6 +289,23 @@ def _ratios(ours: dict, peer: dict, kind: str | None) -> dict[str, Any]:
     return {"speed": round(speed, 3), "memory": None if memory is None else round(memory, 3), "memory_basis": key}
 
 
+def _device_mfu(configs: list[dict[str, Any]], peak_flops: dict[str, float]) -> None:
+    """MFU over the device's rate (the best any backend reached on it: MLX's CPU build multiplies with a slower
+    BLAS than torch here), keeping each backend's own-rate MFU beside it."""
+    if not peak_flops:
+        return
+    device_rate = max(peak_flops.values())
+    scaled = benchmark_module("cuda_qlora").scaled
+    for c in configs:
+        own = peak_flops.get(c["backend"])
+        for side in ("trmlx", *PEERS.values()):
+            r = c.get(side)
+            if r and "mfu" in r and own:
+                r["mfu_own_rate"] = r["mfu"]
+                r["mfu"] = scaled(r["mfu"], own / device_rate)
+                r["hfu"] = scaled(r["hfu"], own / device_rate)
+
+
 def _device(backend: str) -> dict[str, Any]:
     module = "trmlx.backends.mlx.device" if backend == "mlx" else "trmlx.backends.cuda.device"
     return __import__(module, fromlist=["describe_device"]).describe_device()
@@ -295,7 +319,8 @@ def _slug(text: str) -> str:
 
 def table(result: dict[str, Any]) -> str:
     head = (f"{'backend':7} {'seq':>5} {'bs':>3} | {'side':7} | {'train tok/s (min-max)':>24} | {'step s':>7} | "
-            f"{'MFU':>6} | {'peak GB':>8} | {'plan GB':>8} {'err':>6} | {'gen tok/s':>9} | ratio vs peer")
+            f"{'MFU':>6} | {'peak MB':>8} | {'plan MB':>8} {'err':>6} | {'RSS MB':>7} | {'gen tok/s':>9} | "
+            "ratio vs peer (speed, memory)")
     lines = [head, "-" * len(head)]
     for c in result["configs"]:
         for side in ["trmlx", *(p for p in PEERS.values() if p in c)]:
@@ -311,10 +336,14 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"{where} {t['median']:>9.1f} ({t['min']:>6.1f}-{t['max']:>6.1f}) | "
                 f"{r['step_seconds']['median']:>7.3f} | {100 * r['mfu']['median']:>5.2f}% | "
-                f"{r['peak_memory_gb']:>8.4f} | "
-                + (f"{plan['train_predicted_gb']:>8.4f} {plan['train_error_pct']:>+5.1f}%" if plan else f"{'':>15}")
-                + f" | {gen if gen is not None else float('nan'):>9.1f} | "
-                + (f"speed {ratio['speed']}x, memory {ratio['memory']}x" if ratio else ""))
+                + (f"{'(RSS)':>8} | " if r["memory_kind"].startswith("peak resident") else
+                   f"{r['peak_memory_gb'] * 1000:>8.2f} | ")
+                + (f"{plan['train_predicted_gb'] * 1000:>8.2f} {plan['train_error_pct']:>+5.1f}%" if plan else
+                   f"{'':>15}")
+                + f" | {(r.get('rss_peak_gb') or 0) * 1000:>7.0f} | "
+                + (f"{gen:>9.1f} | " if gen is not None else f"{'-':>9} | ")
+                + (f"{ratio['speed']}x, {ratio['memory']}x ({ratio['memory_basis'].removesuffix('_gb')})"
+                   if ratio else ""))
     return "\n".join(lines)
 
 
@@ -339,15 +368,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
         err = [[m - r["trained_tokens_per_second"]["min"] for m, (_, r) in zip(med, rows)],
                [r["trained_tokens_per_second"]["max"] - m for m, (_, r) in zip(med, rows)]]
         axes[0].bar([x for x, _ in rows], med, width, yerr=err, capsize=3, color=colours[side], label=side)
-        axes[1].bar([x for x, _ in rows], [r["peak_memory_gb"] * 1000 for _, r in rows], width, color=colours[side],
-                    label=f"{side} measured")
+        counted = [(x, r) for x, r in rows if not r["memory_kind"].startswith("peak resident")]  # RSS: not comparable
+        if counted:
+            axes[1].bar([x for x, _ in counted], [r["peak_memory_gb"] * 1000 for _, r in counted], width,
+                        color=colours[side], label=f"{side} measured")
     plan_rows = [(i, c["plan"]) for i, c in enumerate(configs) if "plan" in c]
     axes[1].scatter([i - width / 2 for i, _ in plan_rows], [p["train_predicted_gb"] * 1000 for _, p in plan_rows],
                     marker="D", color="#f1c40f", edgecolors="black", zorder=3, label="trmlx plan")
     gens = [(i, c["trmlx"]["generation"]["tokens_per_second"]["median"]) for i, c in enumerate(configs)
             if "generation" in c["trmlx"]]
     axes[2].bar([i for i, _ in gens], [g for _, g in gens], 0.5, color=colours["trmlx"])
-    titles = ("trained tokens/s (median, min-max)", "training peak memory (MB; allocator counters)",
+    titles = ("trained tokens/s (median, min-max)", "training peak memory (MB; allocator counters, no RSS)",
               "trmlx eval generation tokens/s (batched)")
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(configs)), labels, fontsize=7)

@@ -211,6 +211,10 @@ def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     recipe = load_recipe(spec["recipe"], bench_overrides(spec), backend=spec["backend"])
     matmul = measure_matmul(spec["backend"]) if spec.get("measure_matmul") else None
     rss_before = max_rss()
+    gc.collect()
+    # What other work in this process already holds (nothing in bench's fresh workers; earlier tests or
+    # calibration configurations when run in one process) is not this configuration's memory.
+    baseline = probe.active()
     start = time.perf_counter()
     loaded = backend.load(recipe)
     load_s = time.perf_counter() - start
@@ -235,6 +239,7 @@ def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
                 _, peak = profiled_peak(lambda it=reports: next(it))
                 train_peak = max(train_peak, peak)
         reports.close()  # stop at the yield: no end-of-run checkpoint inside the timing or the peak
+    train_peak -= baseline
     gc.collect()
     rng = __import__("numpy").random.default_rng(spec["seed"] + 1)
     prompts = [[int(t) for t in rng.integers(4, spec["vocab_size"], spec["prompt_len"])]
@@ -243,9 +248,11 @@ def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     generate = lambda: generate_batched(backend, loaded, prompts, settings, spec["eval_batch_size"])  # noqa: E731
     gen_seconds, outputs = benchmark_module("generation_batching").timed_trials(generate, spec["trials"])
     _, gen_peak = probe.peak_of(generate)
+    gen_peak -= baseline
     trainable = _trainable_parameters(loaded.model, spec["backend"])
     return {"step_seconds": step_seconds, "trial_seconds": _trial_times(step_seconds, spec), "losses": losses,
-            "load_seconds": load_s, "load_peak_memory_gb": None, "model_memory_gb": model_bytes / 1e9,
+            "load_seconds": load_s, "load_peak_memory_gb": None, "model_memory_gb": (model_bytes - baseline) / 1e9,
+            "baseline_memory_gb": baseline / 1e9,
             "forward_positions_per_step": spec["batch_size"] * spec["grad_accum"] * _positions(spec["seq_len"]),
             "peak_memory_gb": train_peak / 1e9, "memory_kind": probe.counter(),
             "rss_peak_gb": max_rss() / 1e9, "rss_before_load_gb": rss_before / 1e9,

@@ -24,6 +24,13 @@ def describe_device() -> dict[str, Any]:
     return info
 
 
+def cpu_math() -> None:
+    """On the CPU, flush denormals to zero: the tiny fp32 updates of an LR warm-up otherwise fall into denormal
+    arithmetic, measured ~100x slower per step (2.08 s vs 0.02 s) on this project's CI CPU. GPUs flush already."""
+    if not torch.cuda.is_available():
+        torch.set_flush_denormal(True)
+
+
 def memory() -> MemoryStats:
     if torch.cuda.is_available():
         return MemoryStats(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(),

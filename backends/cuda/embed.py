@@ -31,7 +31,7 @@ from trmlx.report import StepReport
 from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate
 
-from trmlx.backends.cuda.device import describe_device, memory
+from trmlx.backends.cuda.device import cpu_math, describe_device, memory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -100,6 +100,7 @@ def load(recipe: Recipe, path: str | Path | None = None, train: bool = False) ->
 
     models = st_modules()[0]
     info = describe_device()
+    cpu_math()
     if train and info["kind"] == "cpu":
         print("trmlx: no CUDA GPU visible; the cuda backend runs on the CPU (slow, fp32)", file=sys.stderr)
     source = str(path or model_path(recipe))

@@ -16,7 +16,7 @@ from trmlx.errors import UserError
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import PeftConfig, Recipe
 
-from trmlx.backends.cuda.device import describe_device
+from trmlx.backends.cuda.device import cpu_math, describe_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PEFT_PREFIX = "base_model.model."
@@ -38,6 +38,7 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     ensure_process_group()
     cfg = recipe.model
     info = describe_device()
+    cpu_math()
     if info["kind"] == "cpu" and is_main():
         print("trmlx: no CUDA GPU visible; the cuda backend runs on the CPU (slow, fp32)", file=sys.stderr)
     if info["kind"] == "cpu" and recipe.train.optimizer == "paged_adamw_8bit":
