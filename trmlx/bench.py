@@ -30,11 +30,18 @@ from typing import Any, Callable, Sequence
 from trmlx.bench_workers import REPO, benchmark_module
 from trmlx.errors import UserError
 from trmlx.model_shape import PRESETS, ModelShape, load_shape
-from trmlx.plan import GB, make_target, plan_memory, target_names
+from trmlx.plan import GB, make_target, plan_recipe
 
 RESULTS = REPO / "benchmarks" / "results"
-PEERS = {"mlx": "mlx-lm", "cuda": "hf"}
-PEER_NEEDS = {"mlx-lm": ("mlx_lm",), "hf": ("transformers", "peft", "accelerate")}
+# Per task, the module that knows its synthetic rows, workers, peers and plan settings. Each has:
+#   ROWS          one line: what the synthetic rows are and which tokens are trained
+#   WORKERS       name -> worker(spec) -> raw dict (cuda_qlora's raw format; optional "trained_tokens_per_step",
+#                 "flops_per_step" and "generation" {"tokens" | "texts", "seconds", "peak_memory_gb", ...})
+#   PEERS         backend -> the peer's worker name (absent: no peer tool exists for that backend)
+#   PEER_NEEDS    peer name -> the modules it imports
+#   spec_fields(recipe, shape, seq_len) -> extra spec keys;  plan_settings(spec) -> plan_recipe keywords
+BENCH_TASKS = {"causal": "trmlx.bench_workers", "seq2seq": "trmlx.bench_seq2seq",
+               "embedding": "trmlx.bench_embedding"}
 BACKEND_NEEDS = {"mlx": ("mlx", "mlx_lm"), "cuda": ("torch", "transformers", "peft")}
 GPU_PARAMETERS = 1e9  # a model this big on a CPU would take hours per step: refuse it
 
@@ -61,8 +68,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         raise UserError("--steps and --trials must be ≥ 1, --warmup ≥ 0")
     recipes = {b: load_recipe(recipe_path, overrides, backend=b) for b in backends}
     first = recipes[backends[0]]
-    if first.task != "causal":
-        raise UserError(f"bench measures causal-LM recipes; {recipe_path} is a {first.task} recipe")
+    task = bench_task(first.task)
     shape = load_shape(first, model_shape)
     from trmlx.plan import detect_kind
 
@@ -83,6 +89,9 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
     temp = Path(tempfile.mkdtemp(prefix="trmlx-bench-"))
     try:
         if model_shape:
+            if first.task != "causal":
+                raise UserError(f"--model-shape builds random causal LMs; bench this {first.task} recipe's own "
+                                "model.path (a small config of the same architecture works too)")
             gpu = any(k != "cpu" for k in kinds.values())
             model_dir = temp / "model"
             config = {**_shape_config(model_shape), "torch_dtype": "bfloat16" if gpu else "float32"}
@@ -98,28 +107,30 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         work.mkdir()
         for backend in backends:
             recipe = recipes[backend]
-            peer = PEERS[backend] if peers and installed(PEER_NEEDS[PEERS[backend]]) else None
-            if peers and peer is None:
-                log(f"peer {PEERS[backend]} not installed: skipped")
+            peer = task.PEERS.get(backend) if peers else None
+            if peer and not installed(task.PEER_NEEDS[peer]):
+                log(f"peer {peer} not installed: skipped")
+                peer = None
             for seq_len in seq_lens:
                 for batch in batch_sizes:
-                    spec = _spec(recipe_path, overrides, backend, recipe, shape, model_dir, seq_len, batch, grad_accum,
-                                 warmup, steps, trials, seed, max_new_tokens)
+                    spec = {**_spec(recipe_path, overrides, backend, recipe, shape, model_dir, seq_len, batch,
+                                    grad_accum, warmup, steps, trials, seed, max_new_tokens),
+                            **task.spec_fields(recipe, shape, seq_len)}
                     spec["measure_matmul"] = backend not in matmul
                     label = f"{backend}-s{seq_len}-b{batch}"
                     log(f"running trmlx {label}")
-                    raw = _run_worker("trmlx", spec, work, f"trmlx-{label}")
+                    raw = _run_worker(f"{task.__name__}:trmlx", spec, work, f"trmlx-{label}")
                     if raw.get("matmul"):
                         matmul[backend] = raw["matmul"]
                         peak_flops[backend] = raw["matmul"]["peak_flops"]
-                    record = {"backend": backend, "seq_len": seq_len, "batch_size": batch,
+                    record = {"backend": backend, "seq_len": seq_len, "batch_size": batch, "peer": peer,
                               "trmlx": _summary(raw, spec, shape, peak_flops.get(backend))}
                     if "error" not in raw:
-                        record["plan"] = _plan_check(recipe, backend, shape, raw, spec)
+                        record["plan"] = _plan_check(recipe, backend, shape, raw, task.plan_settings(spec))
                     if peer:
                         log(f"running {peer} {label}")
-                        peer_raw = (_run_hf(spec, work, f"hf-{label}") if peer == "hf"
-                                    else _run_worker("mlx-lm", spec, work, f"mlx-lm-{label}"))
+                        peer_raw = (_run_hf(spec, work, f"hf-{label}") if (first.task, peer) == ("causal", "hf")
+                                    else _run_worker(f"{task.__name__}:{peer}", spec, work, f"{peer}-{label}"))
                         record[peer] = _summary(peer_raw, spec, shape, peak_flops.get(backend))
                         record["ratios"] = _ratios(record["trmlx"], record[peer], raw.get("device_kind"))
                     configs.append(record)
@@ -138,7 +149,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         "model_source": f"--model-shape {model_shape} (random weights)" if model_shape else
         first.model.path.removeprefix(str(REPO) + "/"),
         "settings": {"steps_per_trial": steps, "trials": trials, "warmup_steps": warmup, "grad_accum": grad_accum,
-                     "rows": "synthetic, exactly seq_len tokens, loss on the second half", "seed": seed,
+                     "rows": task.ROWS, "seed": seed,
                      "mfu": "4·N·all tokens/s over the device's matmul rate = the best rate measured by any backend "
                             "in this run (mfu_own_rate: over the backend's own rate); recompute not counted",
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
@@ -155,6 +166,17 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
 
 
 # --------------------------------------------------------------------------------------------------- the model
+
+def bench_task(task: str) -> Any:
+    """The bench module of a task (BENCH_TASKS); a clear error for a task bench does not cover yet."""
+    import importlib
+
+    try:
+        return importlib.import_module(BENCH_TASKS[task])
+    except (KeyError, ModuleNotFoundError):
+        covered = [t for t, m in BENCH_TASKS.items() if importlib.util.find_spec(m) is not None]
+        raise UserError(f"task: bench measures {', '.join(covered)} recipes, not {task}") from None
+
 
 def _shape_config(model_shape: str) -> dict[str, Any]:
     if model_shape in PRESETS:
@@ -215,12 +237,10 @@ def _spec(recipe_path: str, overrides: Sequence[str], backend: str, recipe: Any,
     return {"backend": backend, "recipe": str(Path(recipe_path).resolve()), "overrides": list(overrides),
             "model_dir": str(model_dir), "seq_len": seq_len, "batch_size": batch, "grad_accum": grad_accum,
             "warmup": warmup, "steps": steps, "trials": trials, "total_steps": total, "seed": seed,
-            "vocab_size": shape.vocab_size, "grad_checkpoint": recipe.train.grad_checkpoint,
+            "vocab_size": shape.vocab_size, "grad_checkpoint": recipe.train.grad_checkpoint, "task": recipe.task,
             # No LR warm-up: its tiny first updates put fp32 CPU math into denormals (measured: torch steps 100x
             # slower during a warm-up on this CPU), and the speed of a step does not depend on the LR otherwise.
             "lr_warmup_steps": 0,
-            "lora_layers": recipe.peft.layers or shape.num_layers,
-            "lora_keys": target_names(shape, recipe.peft.targets),
             "eval_batch_size": recipe.eval.batch_size, "prompt_len": seq_len // 2,
             "max_new_tokens": max_new_tokens or recipe.eval.max_new_tokens}
 
@@ -253,24 +273,31 @@ def _subprocess(command: list[str], spec: dict[str, Any], work: Path, label: str
 def _summary(raw: dict[str, Any], spec: dict[str, Any], shape: ModelShape, peak_flops: float | None) -> dict:
     if "error" in raw:
         return raw
-    out = benchmark_module("cuda_qlora").summarise(raw, spec, shape.parameters(), peak_flops or float("nan"))
+    cq = benchmark_module("cuda_qlora")
+    out = cq.summarise(raw, spec, shape.parameters(), peak_flops or float("nan"))
+    if "trained_tokens_per_step" in raw:  # tasks other than causal count their own trained tokens and FLOPs
+        out["trained_tokens_per_step"] = raw["trained_tokens_per_step"]
+        out["trained_tokens_per_second"] = cq.spread([raw["trained_tokens_per_step"] * spec["steps"] / s
+                                                      for s in raw["trial_seconds"]])
+    if "flops_per_step" in raw:
+        flops = cq.spread([raw["flops_per_step"] * spec["steps"] / s for s in raw["trial_seconds"]])
+        out["mfu"] = out["hfu"] = cq.scaled(flops, 1 / (peak_flops or float("nan")))
     # cuda_qlora's HF worker has only the process RSS on a CPU, and reports it as its peak there
     cpu_rss = str(raw.get("memory_kind", "")).startswith("peak resident")
     out["rss_peak_gb"] = raw.get("rss_peak_gb") or (raw["peak_memory_gb"] if cpu_rss else None)
     gen = raw.get("generation")
     if gen:
-        rates = [gen["tokens"][0] / s for s in gen["seconds"]]
-        out["generation"] = {**gen, "tokens_per_second": benchmark_module("cuda_qlora").spread(rates)}
+        # "tokens_per_second" of eval generation, or texts encoded per second for embedding recipes
+        count = gen["tokens"][0] if "tokens" in gen else gen["texts"][0]
+        out["generation"] = {**gen, "tokens_per_second": cq.spread([count / s for s in gen["seconds"]])}
     return out
 
 
-def _plan_check(recipe: Any, backend: str, shape: ModelShape, raw: dict[str, Any], spec: dict[str, Any]) -> dict:
-    """trmlx plan's prediction for exactly this configuration against the measured peaks."""
+def _plan_check(recipe: Any, backend: str, shape: Any, raw: dict[str, Any], settings: dict[str, Any]) -> dict:
+    """trmlx plan's prediction for exactly this configuration (settings: the task's plan_settings(spec)) against
+    the measured peaks."""
     target = make_target(recipe, backend, shape, raw["device_kind"])
-    plan = plan_memory(recipe, backend, shape, target, batch_size=spec["batch_size"], grad_accum=spec["grad_accum"],
-                       grad_checkpoint=spec["grad_checkpoint"], seq_len=spec["seq_len"],
-                       eval_batch_size=spec["eval_batch_size"], prompt_len=spec["prompt_len"],
-                       max_new_tokens=spec["max_new_tokens"])
+    plan = plan_recipe(recipe, backend, shape, target, **settings)
     train, gen = raw["peak_memory_gb"] * GB, raw["generation"]["peak_memory_gb"] * GB
     return {"train_predicted_gb": round(plan.train_peak / GB, 5), "train_measured_gb": round(train / GB, 5),
             "train_error_pct": round(100 * (plan.train_peak - train) / train, 1),
@@ -298,7 +325,7 @@ def _device_mfu(configs: list[dict[str, Any]], peak_flops: dict[str, float]) -> 
     scaled = benchmark_module("cuda_qlora").scaled
     for c in configs:
         own = peak_flops.get(c["backend"])
-        for side in ("trmlx", *PEERS.values()):
+        for side in ("trmlx", c.get("peer")):
             r = c.get(side)
             if r and "mfu" in r and own:
                 r["mfu_own_rate"] = r["mfu"]
@@ -323,7 +350,7 @@ def table(result: dict[str, Any]) -> str:
             "ratio vs peer (speed, memory)")
     lines = [head, "-" * len(head)]
     for c in result["configs"]:
-        for side in ["trmlx", *(p for p in PEERS.values() if p in c)]:
+        for side in ["trmlx", *([c["peer"]] if c.get("peer") in c else [])]:
             r = c[side]
             where = f"{c['backend']:7} {c['seq_len']:>5} {c['batch_size']:>3} | {side:7} |"
             if "error" in r:
@@ -355,8 +382,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     configs = result["configs"]
     labels = [f"{c['backend']}\nseq {c['seq_len']} bs {c['batch_size']}" for c in configs]
-    sides = ["trmlx", "mlx-lm", "hf"]
-    colours = {"trmlx": "#c0392b", "mlx-lm": "#2c3e50", "hf": "#ff7f0e"}
+    sides = list(dict.fromkeys(["trmlx", *(c["peer"] for c in configs if c.get("peer"))]))
+    palette = ["#2c3e50", "#ff7f0e", "#16a085", "#8e44ad"]
+    colours = {"trmlx": "#c0392b", **{s: palette[i % len(palette)] for i, s in enumerate(sides[1:])}}
     fig, axes = plt.subplots(1, 3, figsize=(max(10, 2.2 * len(configs) + 6), 4.4))
     width = 0.38
     for k, side in enumerate(sides):

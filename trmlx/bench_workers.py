@@ -22,6 +22,7 @@ recorded), which holds ~0.4 GB of Python and libraries no model formula describe
 from __future__ import annotations
 
 import gc
+import importlib
 import importlib.util
 import json
 import statistics
@@ -372,12 +373,35 @@ def _mlx_dtype(loaded: Any) -> str:
     return "?"
 
 
+# ------------------------------------------------------------------- the causal task's bench interface (bench.py)
+
+ROWS = "synthetic, exactly seq_len tokens, loss on the second half"
 WORKERS = {"trmlx": worker_trmlx, "mlx-lm": worker_mlx_lm}
+PEERS = {"mlx": "mlx-lm", "cuda": "hf"}  # hf: benchmarks/cuda_qlora.py's worker, run by that script
+PEER_NEEDS = {"mlx-lm": ("mlx_lm",), "hf": ("transformers", "peft", "accelerate")}
+
+
+def spec_fields(recipe: Any, shape: Any, seq_len: int) -> dict[str, Any]:
+    from trmlx.plan import target_names
+
+    return {"lora_layers": recipe.peft.layers or shape.num_layers,
+            "lora_keys": target_names(shape, recipe.peft.targets)}
+
+
+def plan_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """plan_memory's keywords for exactly the configuration a spec measures."""
+    return {"batch_size": spec["batch_size"], "grad_accum": spec["grad_accum"],
+            "grad_checkpoint": spec["grad_checkpoint"], "seq_len": spec["seq_len"],
+            "eval_batch_size": spec["eval_batch_size"], "prompt_len": spec["prompt_len"],
+            "max_new_tokens": spec["max_new_tokens"]}
 
 
 def main(argv: list[str]) -> None:
+    """NAME: a worker of this module, or "module:worker" (another task's bench module, bench.BENCH_TASKS)."""
     name, spec_path, result_path = argv
-    result = WORKERS[name](json.loads(Path(spec_path).read_text()))
+    module, _, worker = name.rpartition(":")
+    workers = importlib.import_module(module).WORKERS if module else WORKERS
+    result = workers[worker](json.loads(Path(spec_path).read_text()))
     Path(result_path).write_text(json.dumps(result))
 
 

@@ -96,23 +96,40 @@ class ModelShape:
         return {**dataclasses.asdict(self), "parameters": self.parameters()}
 
 
-def load_shape(recipe: Recipe, model_shape: str | None = None) -> ModelShape:
-    """The model's shape: a --model-shape preset or config file, else model.path's config.json (a local folder or
-    the Hugging Face cache; never downloads)."""
+# Each task's shape class, imported when needed: "module:Class" with a from_config(config, source) classmethod.
+SHAPES = {"causal": "trmlx.model_shape:ModelShape", "seq2seq": "trmlx.plan_seq2seq:Seq2SeqShape",
+          "embedding": "trmlx.plan_embedding:EncoderShape"}
+
+
+def shape_from_config(task: str, config: dict[str, Any], source: str = "") -> Any:
+    """The shape object of a task's model (ModelShape for causal LMs) from a config.json dict."""
+    module, name = SHAPES[task].split(":")
+    return getattr(__import__(module, fromlist=[name]), name).from_config(config, source)
+
+
+def load_shape(recipe: Recipe, model_shape: str | None = None) -> Any:
+    """The model's shape for the recipe's task: a --model-shape preset or config file, else model.path's
+    config.json (a local folder or the Hugging Face cache; never downloads)."""
+    config, source = read_config(recipe, model_shape)
+    return shape_from_config(recipe.task, config, source)
+
+
+def read_config(recipe: Recipe, model_shape: str | None = None) -> tuple[dict[str, Any], str]:
+    """(config.json as a dict, where it came from): a preset, a file or folder, model.path, or the hub cache."""
     if model_shape:
         if model_shape in PRESETS:
-            return ModelShape.from_config(PRESETS[model_shape], f"--model-shape {model_shape}")
+            return PRESETS[model_shape], f"--model-shape {model_shape}"
         path = Path(model_shape).expanduser()
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise UserError(f"--model-shape: {model_shape!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                             "config.json file")
-        return ModelShape.from_config(_read_json(path), str(path))
+        return _read_json(path), str(path)
     spec = recipe.model.path
     local = Path(spec).expanduser() / "config.json"
     if local.is_file():
-        return ModelShape.from_config(_read_json(local), str(local))
+        return _read_json(local), str(local)
     cached = None
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -121,7 +138,7 @@ def load_shape(recipe: Recipe, model_shape: str | None = None) -> ModelShape:
     except Exception:  # not a repo id, or huggingface_hub missing: same advice below
         cached = None
     if isinstance(cached, str) and Path(cached).is_file():
-        return ModelShape.from_config(_read_json(Path(cached)), cached)  # the cached file: bench loads its folder
+        return _read_json(Path(cached)), cached  # the cached file: bench loads its folder
     raise UserError(f"model.path: no config.json for {spec!r} locally or in the Hugging Face cache; fetch just the "
                     f"config (huggingface-cli download {spec} config.json) or pass --model-shape "
                     f"{'|'.join(PRESETS)}|CONFIG.json")

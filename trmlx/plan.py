@@ -321,6 +321,19 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
     return Plan(terms, settings, shape, target, budget)
 
 
+# Each task's planner, imported when needed ("module:function", the signature of plan_memory; seq2seq adds
+# target_len). A task missing here is refused by plan, bench and batch_size = "auto" with a clear error.
+PLANNERS = {"causal": "trmlx.plan:plan_memory"}
+
+
+def plan_recipe(recipe: Recipe, backend: str, shape: Any, target: Target, **settings: Any) -> Plan:
+    """plan_memory for the recipe's task (settings: plan_memory's keywords)."""
+    if recipe.task not in PLANNERS:
+        raise UserError(f"task: memory planning covers {', '.join(PLANNERS)} recipes, not {recipe.task}")
+    module, name = PLANNERS[recipe.task].split(":")
+    return getattr(__import__(module, fromlist=[name]), name)(recipe, backend, shape, target, **settings)
+
+
 # ------------------------------------------------------------------------------------------------ fit a budget
 
 def parse_size(text: str, key: str = "--budget") -> float:
@@ -347,7 +360,7 @@ def fit(recipe: Recipe, backend: str, shape: ModelShape, target: Target, budget:
     tried = []
     for ckpt in ckpt_options:
         for b in micro:
-            plan = plan_memory(recipe, backend, shape, target, batch_size=b, grad_accum=effective // b,
+            plan = plan_recipe(recipe, backend, shape, target, batch_size=b, grad_accum=effective // b,
                                grad_checkpoint=ckpt, budget=budget)
             tried.append(plan)
             if plan.train_peak + plan.overhead <= budget:  # eval generation has its own knob (eval.batch_size)
@@ -371,9 +384,9 @@ def resolve_batch(recipe: Recipe, backend: str, kind: str = "auto", quiet: bool 
     if not train.memory_budget:
         raise UserError('train.batch_size: "auto" needs a memory budget: set train.memory_budget = "16GB" or '
                         "pass --fit-budget 16GB")
-    if recipe.task != "causal":
-        raise UserError(f"train.memory_budget: memory planning covers causal LMs; set train.batch_size to a "
-                        f"number for this {recipe.task} recipe")
+    if recipe.task not in PLANNERS:
+        raise UserError(f"train.memory_budget: memory planning covers {', '.join(PLANNERS)} recipes; set "
+                        f"train.batch_size to a number for this {recipe.task} recipe")
     budget = parse_size(train.memory_budget, "train.memory_budget")
     shape = load_shape(recipe)
     target = make_target(recipe, backend, shape, kind)

@@ -25,12 +25,12 @@ def plan(recipe: str, backend: str, budget: str | None, model_shape: str | None,
          batch_size: int | None, grad_checkpoint: bool | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Predict the peak memory of training (and eval generation) of RECIPE on a backend, broken down."""
     from trmlx.errors import UserError
-    from trmlx.plan import fit, load_shape, make_target, parse_size, plan_memory
+    from trmlx.plan import PLANNERS, fit, load_shape, make_target, parse_size, plan_recipe
     from trmlx.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides, backend)
-    if loaded.task != "causal":
-        raise UserError(f"plan covers causal LMs; {recipe} is a {loaded.task} recipe")
+    if loaded.task not in PLANNERS:
+        raise UserError(f"plan covers {', '.join(PLANNERS)} recipes; {recipe} is a {loaded.task} recipe")
     shape = load_shape(loaded, model_shape)
     target = make_target(loaded, backend, shape, device)
     size = budget or loaded.train.memory_budget or None
@@ -42,7 +42,7 @@ def plan(recipe: str, backend: str, budget: str | None, model_shape: str | None,
         result, _ = fit(loaded, backend, shape, target, limit)
         note = "batch_size = \"auto\": the settings trmlx train would choose"
     else:
-        result = plan_memory(loaded, backend, shape, target, batch_size=batch_size, seq_len=seq_len,
+        result = plan_recipe(loaded, backend, shape, target, batch_size=batch_size, seq_len=seq_len,
                              grad_checkpoint=grad_checkpoint, budget=limit)
     record = result.to_json()
     record["note"] = note
