@@ -201,8 +201,9 @@ def bench_overrides(spec: dict[str, Any]) -> list[str]:
             'train.memory_budget=""']
 
 
-def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
-    """trmlx's own path (module docstring); the raw format of cuda_qlora's workers plus memory and generation."""
+def worker_trmlx(spec: dict[str, Any], examples: list | None = None) -> dict[str, Any]:
+    """trmlx's own path (module docstring); the raw format of cuda_qlora's workers plus memory and generation.
+    examples: another task's synthetic rows (default: the causal ones)."""
     from trmlx.backend import GenerationSettings, get_backend
     from trmlx.evaluate import generate_batched
     from trmlx.recipe import load_recipe
@@ -220,7 +221,7 @@ def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     loaded = backend.load(recipe)
     load_s = time.perf_counter() - start
     model_bytes = probe.active()
-    examples = synthetic_examples(spec)
+    examples = synthetic_examples(spec) if examples is None else examples
     train_steps = spec["warmup"] + spec["steps"] * spec["trials"]
     step_seconds, losses, train_peak = [], [], 0
     with tempfile.TemporaryDirectory() as run_dir:

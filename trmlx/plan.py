@@ -187,6 +187,22 @@ def target_names(shape: ModelShape, targets: str | list[str]) -> list[str]:
     return chosen
 
 
+def mlx_quantised_bytes(recipe: Recipe, stored: int) -> tuple[float, str]:
+    """(bytes per weight, mode) of a weight MLX quantises at load (shared by every task's planner)."""
+    model = recipe.model
+    mode = "affine" if model.quant_mode == "auto" else model.quant_mode
+    return {"mxfp4": 0.5 + 1 / 32, "nvfp4": 0.5 + 1 / 16, "mxfp8": 1 + 1 / 32}.get(
+        mode, model.quantize_bits / 8 + 2 * stored / model.quant_group_size), mode  # affine: scale + bias per group
+
+
+def bnb_4bit_bytes(recipe: Recipe) -> tuple[float, str]:
+    """(bytes per weight, nf4|fp4) of a bitsandbytes 4-bit linear: codes + one absmax per 64 weights (fp32, or
+    8-bit with an fp32 per 256 absmax when doubled)."""
+    model = recipe.model
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if model.double_quant else 4 / 64), \
+        "fp4" if model.quant_mode == "fp4" else "nf4"
+
+
 def weight_bytes(recipe: Recipe, shape: ModelShape, target: Target) -> tuple[float, str]:
     """Bytes of the frozen base as loaded: quantised where the backend quantises at load."""
     model = recipe.model
@@ -199,9 +215,7 @@ def weight_bytes(recipe: Recipe, shape: ModelShape, target: Target) -> tuple[flo
         rest = shape.small_parameters() * stored
         if not bits:
             return (linear + heads * embed) * stored + rest, f"{shape.storage_dtype} as stored"
-        mode = "affine" if model.quant_mode == "auto" else model.quant_mode
-        per_weight = {"mxfp4": 0.5 + 1 / 32, "nvfp4": 0.5 + 1 / 16, "mxfp8": 1 + 1 / 32}.get(
-            mode, bits / 8 + 2 * stored / group)  # affine: a scale and a bias per group, in the stored dtype
+        per_weight, mode = mlx_quantised_bytes(recipe, stored)
         # quantise_blockwise quantises every linear (and the embedding/head) whose input width divides the group.
         quantised = shape.num_layers * sum(a * b for a, b in shape.linears().values() if a % group == 0) \
             + (heads * embed if shape.hidden_size % group == 0 else 0)
@@ -214,9 +228,7 @@ def weight_bytes(recipe: Recipe, shape: ModelShape, target: Target) -> tuple[flo
     if bits == 8:
         return linear * 1 + shape.num_layers * sum(o for _, o in shape.linears().values()) * 4 + rest, \
             "bitsandbytes int8 (embedding and head unquantised)"
-    # NF4/FP4: 4-bit codes + one absmax per 64 weights (fp32, or 8-bit with an fp32 per 256 absmax when doubled)
-    per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if model.double_quant else 4 / 64)
-    mode = "fp4" if model.quant_mode == "fp4" else "nf4"
+    per_weight, mode = bnb_4bit_bytes(recipe)
     return linear * per_weight + rest, f"bitsandbytes {mode}{' double-quant' if model.double_quant else ''} " \
                                        "(embedding and head unquantised)"
 
@@ -323,7 +335,7 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
 
 # Each task's planner, imported when needed ("module:function", the signature of plan_memory; seq2seq adds
 # target_len). A task missing here is refused by plan, bench and batch_size = "auto" with a clear error.
-PLANNERS = {"causal": "trmlx.plan:plan_memory"}
+PLANNERS = {"causal": "trmlx.plan:plan_memory", "seq2seq": "trmlx.plan_seq2seq:plan_memory"}
 
 
 def plan_recipe(recipe: Recipe, backend: str, shape: Any, target: Target, **settings: Any) -> Plan:

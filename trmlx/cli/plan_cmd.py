@@ -16,7 +16,7 @@ from trmlx.cli.common import console, emit, json_option, set_option
               help="Plan for this architecture instead of model.path's config.json.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu", "metal"]), default="auto", show_default=True,
               help="Where the run would happen (auto: what this machine has for the backend).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per training row (default: data.max_length).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per training row (seq2seq: source tokens; default: data.max_length).")
 @click.option("--batch-size", type=int, default=None, help="Micro-batch (default: train.batch_size).")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Override train.grad_checkpoint.")
 @set_option
@@ -59,6 +59,19 @@ def plan(recipe: str, backend: str, budget: str | None, model_shape: str | None,
     emit(record, as_json, _render)
 
 
+def _lengths(s: dict) -> str:
+    """seq N for causal rows; source → target lengths for seq2seq (its plan has a target_len)."""
+    if "target_len" in s:
+        return f"source {s['seq_len']} → target {s['target_len']} tokens"
+    return f"seq {s['seq_len']}"
+
+
+def _layers(adapted: int | dict) -> str:
+    if isinstance(adapted, dict):  # seq2seq: per stack
+        return " + ".join(f"{n} {stack}" for stack, n in adapted.items()) + " layers"
+    return f"{adapted} layers"
+
+
 def _render(r: dict) -> None:
     from rich.table import Table
 
@@ -66,8 +79,8 @@ def _render(r: dict) -> None:
     s, m, t = r["settings"], r["model"], r["target"]
     out.print(f"[bold]{m['source']}[/]: {m['parameters'] / 1e9:.3f}B parameters; {t['backend']} on {t['kind']} "
               f"({t['compute_dtype']} activations); micro-batch {s['batch_size']} × grad_accum {s['grad_accum']}, "
-              f"seq {s['seq_len']}, grad_checkpoint {'on' if s['grad_checkpoint'] else 'off'}, "
-              f"{s['peft']} on {s['adapted_layers']} layers" + (f" — {r['note']}" if r.get("note") else ""))
+              f"{_lengths(s)}, grad_checkpoint {'on' if s['grad_checkpoint'] else 'off'}, "
+              f"{s['peft']} on {_layers(s['adapted_layers'])}" + (f" — {r['note']}" if r.get("note") else ""))
     table = Table(show_header=True, header_style="bold")
     for col, justify in (("term", "left"), ("phase", "left"), ("GB", "right"), ("what", "left")):
         table.add_column(col, justify=justify)
