@@ -42,7 +42,7 @@ SHAPES = {
               "vocab_size": 2048},
     "cq-tiny": {"hidden_size": 128, "intermediate_size": 352, "num_heads": 4, "num_kv_heads": 4},
 }
-# (shape, batch, seq_len, grad_checkpoint, quantize_bits, rank, peft.layers)
+# (shape, batch, seq_len, grad_checkpoint, quantize_bits, rank, peft.layers[, eval batch, default 4])
 CONFIGS = [
     ("quick", 8, 128, False, 0, 8, 0), ("quick", 2, 128, False, 0, 8, 0), ("quick", 4, 256, False, 0, 8, 0),
     ("quick", 4, 256, True, 0, 8, 0), ("quick", 4, 256, False, 4, 8, 0), ("quick", 1, 64, False, 0, 32, 0),
@@ -57,16 +57,21 @@ CONFIGS = [
     ("l8", 1, 512, True, 0, 8, 0), ("mixed", 4, 256, True, 0, 8, 0), ("h256l6", 2, 128, True, 0, 8, 0),
     ("mlp512", 4, 128, True, 4, 8, 0), ("mixed", 4, 128, True, 4, 8, 0), ("quick", 2, 64, False, 0, 8, 0),
     ("quick", 8, 64, False, 0, 8, 0), ("h256", 2, 64, True, 4, 8, 0),
+    # short prompts and wide eval batches (bench's default rows: eval.batch_size of the recipe, prompt = seq / 2)
+    ("quick", 2, 32, False, 0, 8, 0, 16), ("quick", 2, 16, False, 0, 8, 0, 16), ("quick", 4, 64, False, 0, 8, 0, 16),
+    ("mixed", 2, 32, False, 0, 8, 0, 16), ("h256", 2, 32, False, 0, 8, 0, 8), ("l8", 2, 32, False, 0, 8, 0, 16),
+    ("cq-tiny", 2, 32, False, 0, 8, 0, 8),
 ]
 
 
 def spec_for(backend: str, model_dir: Path, vocab: int, cfg: tuple, n_layers: int) -> dict:
-    _, batch, seq, ckpt, bits, rank, layers = cfg
+    _, batch, seq, ckpt, bits, rank, layers = cfg[:7]
+    eval_batch = cfg[7] if len(cfg) > 7 else 4
     return {"backend": backend, "recipe": str(RECIPE), "model_dir": str(model_dir),
             "overrides": [f"model.quantize_bits={bits}", f"peft.rank={rank}", f"peft.layers={layers}"],
             "seq_len": seq, "batch_size": batch, "grad_accum": 1, "warmup": 1, "steps": 1, "trials": 1,
             "total_steps": 4, "seed": 0, "vocab_size": vocab, "grad_checkpoint": ckpt, "lr_warmup_steps": 0,
-            "lora_layers": layers or n_layers, "eval_batch_size": 4, "prompt_len": seq // 2, "max_new_tokens": 8}
+            "lora_layers": layers or n_layers, "eval_batch_size": eval_batch, "prompt_len": seq // 2, "max_new_tokens": 8}
 
 
 def measure(backends: list[str], work: Path) -> list[dict]:

@@ -17,7 +17,7 @@ def test_bench_both_backends_with_peers(cli, tmp_path, monkeypatch):
         pytest.importorskip(name)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' torch: a busy 2-core machine stalls a 2-thread pool
     result = cli("bench", str(QUICKSTART), "--backends", "mlx,cuda", "--steps", "1", "--trials", "2", "--warmup",
-                 "1", "--seq-len", "32", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(tmp_path),
+                 "1", "--seq-len", "64", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(tmp_path),
                  "--json")
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
@@ -30,7 +30,7 @@ def test_bench_both_backends_with_peers(cli, tmp_path, monkeypatch):
     by_backend = {c["backend"]: c for c in saved["configs"]}
     for backend, peer in (("mlx", "mlx-lm"), ("cuda", "hf")):
         config = by_backend[backend]
-        assert (config["seq_len"], config["batch_size"]) == (32, 2)
+        assert (config["seq_len"], config["batch_size"]) == (64, 2)
         ours, theirs = config["trmlx"], config[peer]
         assert "error" not in ours and "error" not in theirs, (ours, theirs)
         assert ours["trained_tokens_per_second"]["median"] > 0 and len(ours["trained_tokens_per_second"]["trials"]) == 2

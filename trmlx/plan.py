@@ -50,14 +50,14 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2,
 # Refit with `python benchmarks/plan_calibration.py` (benchmarks/results/plan_calibration-cpu.json: the data).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
-        "act_h": 0.0, "act_qkv": 5.17, "act_mlp": 7.193, "act_scores": 1.235, "ckpt_h": 16.368, "ckpt_layer_h": 0.0,
-        "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 10.237, "ckpt_layer_scores": 1.576, "logits_fp32": 1.189,
-        "quant_logits_fp32": 0.766, "prefill_h": 7.158, "prefill_mlp": 3.825, "prefill_scores": 1.068},
+        "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_layer_h": 0.0,
+        "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 9.942, "ckpt_layer_scores": 1.571, "logits_fp32": 1.195,
+        "quant_logits_fp32": 0.883, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
     "torch": {
-        "act_h": 5.345, "act_qkv": 0.99, "act_mlp": 4.144, "act_scores": 0.032, "ckpt_h": 0.773,
-        "ckpt_layer_h": 6.661, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.238, "ckpt_layer_scores": 0.0,
-        "logits_fp32": 1.836, "quant_logits_fp32": 0.0, "prefill_h": 4.291, "prefill_mlp": 3.985,
-        "prefill_scores": 0.013},
+        "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767,
+        "ckpt_layer_h": 6.644, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.223, "ckpt_layer_scores": 0.0,
+        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
+        "prefill_scores": 0.048},
 }
 # Not counted by the allocator counters, added before comparing with a budget. Estimates, not measured here
 # (no GPU in the calibration runs): CUDA context + cuBLAS workspaces ≈ 0.5 GB plus ~0.1 GB allocator slack;
