@@ -78,7 +78,8 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         raise UserError(f"--model-shape {model_shape or first.model.path}: {shape.parameters() / 1e9:.1f}B "
                         f"parameters need a GPU, and the {'/'.join(cpu)} backend sees none on this machine; on a "
                         f"CPU bench --model-shape tiny (or a model under {GPU_PARAMETERS / 1e9:.0f}B parameters)")
-    seq_lens = list(seq_lens) or [first.data.max_length]
+    # A task may say what --seq-len means by default (embedding: the passage length), else data.max_length.
+    seq_lens = list(seq_lens) or [getattr(task, "default_seq_len", lambda r: r.data.max_length)(first)]
     if not batch_sizes:
         if first.train.batch_size == "auto":
             raise UserError('train.batch_size is "auto": give --batch-size (bench measures fixed sizes)')

@@ -128,6 +128,11 @@ def read_config(recipe: Recipe, model_shape: str | None = None) -> tuple[dict[st
         return _read_json(path), str(path)
     spec = recipe.model.path
     local = Path(spec).expanduser() / "config.json"
+    if recipe.task == "embedding" and not local.is_file():  # package:NAME not installed; ST subfolder layouts
+        from trmlx.embedding import model_path
+        from trmlx.plan_embedding import transformer_config
+
+        local = transformer_config(Path(model_path(recipe)).expanduser()) or local
     if local.is_file():
         return _read_json(local), str(local)
     cached = None

@@ -336,6 +336,10 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
 # Each task's planner, imported when needed ("module:function", the signature of plan_memory; seq2seq adds
 # target_len). A task missing here is refused by plan, bench and batch_size = "auto" with a clear error.
 PLANNERS = {"causal": "trmlx.plan:plan_memory", "seq2seq": "trmlx.plan_seq2seq:plan_memory"}
+PLANNERS["embedding"] = "trmlx.plan_embedding:plan_memory"
+# Tasks whose budget fitting is their own (module with fit(...) and apply(recipe, plan)): for MNRL the micro-batch
+# is the contrastive batch, so the embedding planner keeps it and chooses checkpointing / cached MNRL instead.
+FITTERS = {"embedding": "trmlx.plan_embedding"}
 
 
 def plan_recipe(recipe: Recipe, backend: str, shape: Any, target: Target, **settings: Any) -> Plan:
@@ -362,6 +366,8 @@ def fit(recipe: Recipe, backend: str, shape: ModelShape, target: Target, budget:
     """The largest micro-batch that divides the effective batch and whose training peak fits, without
     checkpointing if any does, else with it (checkpointing costs ~30% more compute). Returns the choice and every
     plan tried. (Eval generation is planned too, but its batch is eval.batch_size, not chosen here.)"""
+    if recipe.task in FITTERS:
+        return __import__(FITTERS[recipe.task], fromlist=["fit"]).fit(recipe, backend, shape, target, budget)
     train = recipe.train
     effective = train.effective_batch if train.batch_size == "auto" else train.batch_size * train.grad_accum
     micro = [b for b in range(effective, 0, -1) if effective % b == 0]
@@ -407,7 +413,10 @@ def resolve_batch(recipe: Recipe, backend: str, kind: str = "auto", quiet: bool 
     chosen = dataclasses.replace(train, batch_size=s["batch_size"], grad_accum=s["grad_accum"],
                                  grad_checkpoint=s["grad_checkpoint"])
     if not quiet:
+        cached = f", embedding.mini_batch_size {s['mini_batch_size']}" if "mini_batch_size" in s else ""
         print(f"trmlx: memory budget {budget / GB:.1f} GB: micro-batch {s['batch_size']} × grad_accum "
-              f"{s['grad_accum']}, grad_checkpoint {'on' if s['grad_checkpoint'] else 'off'} (planned peak "
+              f"{s['grad_accum']}, grad_checkpoint {'on' if s['grad_checkpoint'] else 'off'}{cached} (planned peak "
               f"{plan.peak / GB:.2f} GB on {target.backend}/{target.kind})", file=sys.stderr)
+    if recipe.task in FITTERS:  # the task's own knobs (embedding: the cached-MNRL mini-batch) go in the recipe too
+        return __import__(FITTERS[recipe.task], fromlist=["apply"]).apply(recipe, plan)
     return dataclasses.replace(recipe, train=chosen)

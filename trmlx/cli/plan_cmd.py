@@ -50,8 +50,9 @@ def plan(recipe: str, backend: str, budget: str | None, model_shape: str | None,
         try:
             choice, _ = fit(loaded, backend, shape, target, limit)
             s = choice.settings
+            cached = f", embedding.mini_batch_size {s['mini_batch_size']}" if "mini_batch_size" in s else ""
             record["suggestion"] = (f"fits with micro-batch {s['batch_size']} × grad_accum {s['grad_accum']}, "
-                                    f"grad_checkpoint {'on' if s['grad_checkpoint'] else 'off'} "
+                                    f"grad_checkpoint {'on' if s['grad_checkpoint'] else 'off'}{cached} "
                                     f"({choice.peak / 1e9:.2f} GB): train.batch_size = \"auto\" or "
                                     f"trmlx train --fit-budget {size}")
         except UserError as err:
@@ -63,6 +64,10 @@ def _lengths(s: dict) -> str:
     """seq N for causal rows; source → target lengths for seq2seq (its plan has a target_len)."""
     if "target_len" in s:
         return f"source {s['seq_len']} → target {s['target_len']} tokens"
+    if "passage_len" in s:  # embedding: the texts of one contrastive batch, and cached MNRL
+        return (f"{s['batch_size']} queries × {s['query_len']} + {s['texts_per_batch'] - s['batch_size']} passages × "
+                f"{s['passage_len']} tokens ({s['num_negatives']} hard negatives per query), cached MNRL "
+                f"{'mini-batch ' + str(s['mini_batch_size']) if s['mini_batch_size'] else 'off'}")
     return f"seq {s['seq_len']}"
 
 
