@@ -87,6 +87,26 @@ def test_4bit_nf4_trains_through_bitsandbytes_on_cpu(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
 
 
+def test_4bit_generation_on_cpu_with_a_width_bitsandbytes_cannot_repack(tmp_path):
+    """bitsandbytes' CPU inference kernels need input widths that are multiples of 64; a 352-wide MLP (down_proj)
+    used to fail with a reshape error. Batched greedy output must equal one-at-a-time output."""
+    pytest.importorskip("bitsandbytes")
+    from trmlx.backend import GenerationSettings, get_backend
+    from trmlx.evaluate import generate_batched
+    from trmlx.recipe import load_recipe
+    from trmlx.tiny import build_tiny_llama, shipped_texts
+
+    model = build_tiny_llama(tmp_path / "m", shipped_texts(REPO / "recipes" / "data" / "en_tr"), hidden_size=128,
+                             intermediate_size=352, num_heads=4, num_kv_heads=4)
+    backend = get_backend("cuda")
+    loaded = backend.load(load_recipe(QUICKSTART, [f"model.path={json.dumps(str(model))}", "model.quantize_bits=4"],
+                                      backend="cuda"))
+    prompts, settings = [[5, 6, 7, 8, 9], [10, 11, 12]], GenerationSettings(max_new_tokens=4)
+    batched = generate_batched(backend, loaded, prompts, settings, 2)
+    assert batched == [generate_batched(backend, loaded, [p], settings, 1)[0] for p in prompts]
+    assert all(len(row) == 4 for row in batched)
+
+
 def test_gpu_only_optimizer_is_a_clear_error_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: paged_adamw_8bit is allowed")

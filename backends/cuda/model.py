@@ -57,6 +57,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         raise UserError(f"model.path: cannot load {cfg.path!r} ({str(err).splitlines()[0][:160]})") from None
     if not cfg.quantize_bits:
         model.to(device())
+    elif info["kind"] == "cpu":
+        keep_generic_cpu_kernels(model)
     if tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
         tokenizer.pad_token = tokenizer.eos_token
     if recipe.train.grad_checkpoint:
@@ -78,6 +80,18 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     if recipe.task == "seq2seq":
         handle["decoder_start_id"] = model.config.decoder_start_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, handle=handle)
+
+
+def keep_generic_cpu_kernels(model: torch.nn.Module) -> None:
+    """bitsandbytes' CPU inference repacks 4-bit weights on first use assuming the input width is a multiple of the
+    block size (64); other widths (e.g. a 352-wide MLP) fail with a reshape error in generation. Those layers keep
+    the generic dequantising path, which is correct for every width."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and hasattr(module, "support_avx512bf16_for_cpu") \
+                and module.in_features % state.blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 def bnb_config(recipe: Recipe, compute_dtype: torch.dtype):
