@@ -122,7 +122,10 @@ def test_plan_cli_for_the_seq2seq_quickstart(cli):
     plan = json.loads(result.stdout)
     assert {t["name"] for t in plan["terms"]} == {
         "weights", "adapter", "gradients", "optimizer", "encoder_activations", "decoder_activations", "logits_loss",
-        "encoder_output", "kv_cache", "prefill", "overhead"}
+        "encoder_output", "prefill", "cross_kv", "kv_cache", "overhead"}
+    gb = {t["name"]: t["gb"] for t in plan["terms"]}  # the encoder pass and decoding do not overlap: the larger counts
+    held = gb["weights"] + gb["adapter"] + gb["encoder_output"]
+    assert abs(plan["eval_peak_gb"] - held - max(gb["prefill"], gb["cross_kv"] + gb["kv_cache"])) < 2e-4
     s = plan["settings"]
     assert (s["seq_len"], s["target_len"], s["eval_batch_size"], s["max_new_tokens"]) == (192, 48, 16, 32)
     assert plan["fits"] is True and plan["model"]["parameters"] == 328704

@@ -138,7 +138,13 @@ class Plan:
     budget: float | None = None
 
     def total(self, phase: str) -> float:
-        return sum(t.bytes for t in self.terms if t.phase in (phase, "both"))
+        """The phase's terms plus those of "both". Sub-phases ("eval:encode", "eval:decode") happen one after the
+        other, so only the largest of them counts."""
+        steps: dict[str, float] = {}
+        for t in self.terms:
+            if t.phase.startswith(phase + ":"):
+                steps[t.phase] = steps.get(t.phase, 0.0) + t.bytes
+        return sum(t.bytes for t in self.terms if t.phase in (phase, "both")) + max(steps.values(), default=0.0)
 
     @property
     def train_peak(self) -> float:

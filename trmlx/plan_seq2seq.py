@@ -35,12 +35,12 @@ CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
         "act_h": 6.381, "act_qkv": 0.0, "act_mlp": 4.687, "act_scores": 0.009, "mask_scores": 4.664,
         "ckpt_h": 21.059, "ckpt_layer_h": 0.0, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 3.04,
-        "ckpt_layer_scores": 0.0, "logits_fp32": 0.0, "quant_logits_fp32": 3.301, "prefill_h": 0.0,
-        "prefill_mlp": 3.903, "prefill_scores": 2.44},
+        "ckpt_layer_scores": 0.0, "logits_fp32": 0.0, "quant_logits_fp32": 3.301, "prefill_h": 13.773,
+        "prefill_mlp": 5.732, "prefill_scores": 2.04},
     "torch": {
         "act_h": 5.432, "act_qkv": 0.0, "act_mlp": 3.452, "act_scores": 0.0, "mask_scores": 1.004, "ckpt_h": 2.592,
         "ckpt_layer_h": 0.0, "ckpt_layer_qkv": 0.3, "ckpt_layer_mlp": 1.658, "ckpt_layer_scores": 0.0,
-        "logits_fp32": 0.835, "quant_logits_fp32": 0.0, "prefill_h": 0.0, "prefill_mlp": 3.783,
+        "logits_fp32": 0.835, "quant_logits_fp32": 0.0, "prefill_h": 4.662, "prefill_mlp": 3.926,
         "prefill_scores": 0.093},
 }
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "mask_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
@@ -264,14 +264,16 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
                                               f"{'with' if ckpt else 'without'} checkpointing", "train"),
         Term("logits_loss", logits, f"{tgt_tokens:,} target tokens × vocabulary {vocab:,} × (one {dt}-byte row + "
                                     f"{fp32_copies:.2f} fp32 rows for softmax / cross-entropy)", "train"),
-        Term("encoder_output", encoder_out + cross_kv, f"eval generation: encoder states + cross-attention K/V of "
-                                                       f"{shape.decoder_layers} decoder layers, batch {eval_batch} × "
-                                                       f"{prompt_len} source positions", "eval"),
-        Term("kv_cache", kv_cache, f"eval generation: self-attention KV, 2 × {shape.decoder_layers} layers × "
+        Term("encoder_output", encoder_out, f"eval generation: encoder states, batch {eval_batch} × {prompt_len} "
+                                            "source positions (held while decoding)", "eval"),
+        # The encoder pass ends before decoding starts: only the larger of the two sub-phases counts.
+        Term("prefill", prefill, f"eval, encoder pass: one encoder layer's forward over batch {eval_batch} × "
+                                 f"{prompt_len} source positions", "eval:encode"),
+        Term("cross_kv", cross_kv, f"eval, decoding: cross-attention K/V of {shape.decoder_layers} decoder layers "
+                                   f"over the {prompt_len} source positions", "eval:decode"),
+        Term("kv_cache", kv_cache, f"eval, decoding: self-attention KV, 2 × {shape.decoder_layers} layers × "
                                    f"{inner} × batch {eval_batch} × {kv_positions} positions ({new_tokens} new)",
-             "eval"),
-        Term("prefill", prefill, f"eval generation: one encoder layer's forward over batch {eval_batch} × "
-                                 f"{prompt_len} source positions", "eval"),
+             "eval:decode"),
         Term("overhead", overhead, f"not seen by the allocator counters ({target.family} on {target.kind}); an "
                                    "estimate", "overhead"),
     )
