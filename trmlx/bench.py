@@ -144,7 +144,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
     slug = benchmark_module("cuda_qlora").slug(device_name)
     name = first.name or Path(recipe_path).stem
     result = {
-        "benchmark": "trmlx bench", "recipe": str(recipe_path), "recipe_name": name,
+        "benchmark": "trmlx bench", "recipe": str(recipe_path), "recipe_name": name, "task": first.task,
         "recipe_sha256": {b: hashlib.sha256(recipe_to_toml(r).encode()).hexdigest()[:16] for b, r in recipes.items()},
         "overrides": list(overrides), "model": shape.describe(),
         "model_source": f"--model-shape {model_shape} (random weights)" if model_shape else
@@ -345,9 +345,14 @@ def _slug(text: str) -> str:
 
 # -------------------------------------------------------------------------------------------------- presentation
 
+def eval_unit(result: dict[str, Any]) -> str:
+    """What the eval-throughput column counts: texts encoded (embedding recipes) or generated tokens."""
+    return "texts/s" if result.get("task") == "embedding" else "gen tok/s"
+
+
 def table(result: dict[str, Any]) -> str:
     head = (f"{'backend':7} {'seq':>5} {'bs':>3} | {'side':7} | {'train tok/s (min-max)':>24} | {'step s':>7} | "
-            f"{'MFU':>6} | {'peak MB':>8} | {'plan MB':>8} {'err':>6} | {'RSS MB':>7} | {'gen tok/s':>9} | "
+            f"{'MFU':>6} | {'peak MB':>8} | {'plan MB':>8} {'err':>6} | {'RSS MB':>7} | {eval_unit(result):>9} | "
             "ratio vs peer (speed, memory)")
     lines = [head, "-" * len(head)]
     for c in result["configs"]:
@@ -408,7 +413,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if "generation" in c["trmlx"]]
     axes[2].bar([i for i, _ in gens], [g for _, g in gens], 0.5, color=colours["trmlx"])
     titles = ("trained tokens/s (median, min-max)", "training peak memory (MB; allocator counters, no RSS)",
-              "trmlx eval generation tokens/s (batched)")
+              "trmlx eval encoding texts/s (batched)" if result.get("task") == "embedding"
+              else "trmlx eval generation tokens/s (batched)")
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(configs)), labels, fontsize=7)
         ax.set_title(title, fontsize=9)
