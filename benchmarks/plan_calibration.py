@@ -133,6 +133,40 @@ def fit(rows: list[dict], keys: tuple[str, ...], phase: str) -> dict[str, float]
     return {k: round(float(v), 3) for k, v in zip(keys, solution)}
 
 
+def errors_of(rows: list[dict], fitted: dict[str, dict[str, float]], plan_of) -> list[dict]:
+    """Every measured configuration re-planned with the fitted coefficients of its backend family."""
+    out = []
+    for row in rows:
+        plan = plan_of(row, fitted["mlx" if row["backend"] == "mlx" else "torch"])
+        out.append({"backend": row["backend"], "config": row["config"],
+                    "train_measured_mb": round(row["train_peak"] / 1e6, 3),
+                    "train_planned_mb": round(plan.train_peak / 1e6, 3),
+                    "train_error_pct": round(100 * (plan.train_peak / row["train_peak"] - 1), 1),
+                    "eval_measured_mb": round(row["eval_peak"] / 1e6, 3),
+                    "eval_planned_mb": round(plan.eval_peak / 1e6, 3),
+                    "eval_error_pct": round(100 * (plan.eval_peak / row["eval_peak"] - 1), 1)})
+    return out
+
+
+def report(benchmark: str, rows: list[dict], fitted: dict, in_use: dict, plan_of, out: Path) -> None:
+    """Print every configuration's error and the CALIBRATION to paste; write OUT/<benchmark>-<device>.json.
+    Shared by the seq2seq and embedding calibration scripts."""
+    from trmlx.rundir import atomic_write, environment_record
+
+    errors = errors_of([r for r in rows if ("mlx" if r["backend"] == "mlx" else "torch") in fitted], fitted, plan_of)
+    print("backend config | train measured / planned MB, error | eval measured / planned MB, error")
+    for e in errors:
+        print(f"{e['backend']:5} {e['config']} | {e['train_measured_mb']:8.3f} / {e['train_planned_mb']:8.3f} "
+              f"{e['train_error_pct']:+6.1f}% | {e['eval_measured_mb']:7.3f} / {e['eval_planned_mb']:7.3f} "
+              f"{e['eval_error_pct']:+6.1f}%")
+    worst = max(abs(e[k]) for e in errors for k in ("train_error_pct", "eval_error_pct"))
+    print(f"largest error {worst:.1f}%")
+    print("CALIBRATION = " + json.dumps(fitted, indent=4))
+    atomic_write(out / f"{benchmark}-{rows[0]['kind']}.json", json.dumps(
+        {"benchmark": benchmark, "fitted": fitted, "in_use": in_use, "errors": errors, "largest_error_pct": worst,
+         "measurements": rows, "environment": environment_record()}, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="mlx,cuda")
@@ -141,7 +175,7 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from trmlx.plan import CALIBRATION
-    from trmlx.rundir import atomic_write, environment_record
+    from trmlx.rundir import atomic_write
 
     if args.refit:
         rows = json.loads(args.refit.read_text())["measurements"]
@@ -151,34 +185,12 @@ def main() -> int:
         # Kept before fitting, so a failed fit can be redone with --refit without measuring again.
         atomic_write(Path(tempfile.gettempdir()) / "plan_calibration-measurements.json",
                      json.dumps({"measurements": rows}))
-    fitted, errors = {}, []
+    fitted = {}
     for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
         mine = [r for r in rows if r["backend"] == backend]
-        if not mine:
-            continue
-        fitted[family] = {**fit(mine, TRAIN_KEYS, "train"), **fit(mine, EVAL_KEYS, "eval")}
-        for row in mine:
-            plan = plan_of(row, fitted[family])
-            errors.append({"backend": backend, "config": row["config"],
-                           "train_measured_mb": round(row["train_peak"] / 1e6, 3),
-                           "train_planned_mb": round(plan.train_peak / 1e6, 3),
-                           "train_error_pct": round(100 * (plan.train_peak / row["train_peak"] - 1), 1),
-                           "eval_measured_mb": round(row["eval_peak"] / 1e6, 3),
-                           "eval_planned_mb": round(plan.eval_peak / 1e6, 3),
-                           "eval_error_pct": round(100 * (plan.eval_peak / row["eval_peak"] - 1), 1)})
-    print("backend config (shape, batch, seq, ckpt, bits, rank, layers) | train measured / planned MB, error | "
-          "eval measured / planned MB, error")
-    for e in errors:
-        print(f"{e['backend']:5} {e['config']} | {e['train_measured_mb']:8.3f} / {e['train_planned_mb']:8.3f} "
-              f"{e['train_error_pct']:+6.1f}% | {e['eval_measured_mb']:7.3f} / {e['eval_planned_mb']:7.3f} "
-              f"{e['eval_error_pct']:+6.1f}%")
-    worst = max(abs(e[k]) for e in errors for k in ("train_error_pct", "eval_error_pct"))
-    print(f"largest error {worst:.1f}%")
-    print("CALIBRATION = " + json.dumps(fitted, indent=4))
-    kind = rows[0]["kind"]
-    atomic_write(args.out / f"plan_calibration-{kind}.json", json.dumps(
-        {"benchmark": "plan_calibration", "fitted": fitted, "in_use": CALIBRATION, "errors": errors,
-         "largest_error_pct": worst, "measurements": rows, "environment": environment_record()}, indent=2) + "\n")
+        if mine:
+            fitted[family] = {**fit(mine, TRAIN_KEYS, "train"), **fit(mine, EVAL_KEYS, "eval")}
+    report("plan_calibration", rows, fitted, CALIBRATION, plan_of, args.out)
     return 0
 
 

@@ -127,20 +127,6 @@ def fit(rows: list[dict], keys: tuple[str, ...], phase: str) -> dict[str, float]
     return {k: round(float(v), 3) for k, v in zip(keys, solution)}
 
 
-def errors_of(rows: list[dict], coefficients: dict[str, dict[str, float]]) -> list[dict]:
-    out = []
-    for row in rows:
-        plan = plan_of(row, coefficients["mlx" if row["backend"] == "mlx" else "torch"])
-        out.append({"backend": row["backend"], "config": row["config"],
-                    "train_measured_mb": round(row["train_peak"] / 1e6, 3),
-                    "train_planned_mb": round(plan.train_peak / 1e6, 3),
-                    "train_error_pct": round(100 * (plan.train_peak / row["train_peak"] - 1), 1),
-                    "eval_measured_mb": round(row["eval_peak"] / 1e6, 3),
-                    "eval_planned_mb": round(plan.eval_peak / 1e6, 3),
-                    "eval_error_pct": round(100 * (plan.eval_peak / row["eval_peak"] - 1), 1)})
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="mlx,cuda")
@@ -149,7 +135,8 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from trmlx.plan_embedding import CALIBRATION, EVAL_KEYS, TRAIN_KEYS
-    from trmlx.rundir import atomic_write, environment_record
+    from plan_calibration import report
+    from trmlx.rundir import atomic_write
 
     if args.refit:
         rows = json.loads(args.refit.read_text())["measurements"]
@@ -165,17 +152,7 @@ def main() -> int:
         if mine:
             fitted[family] = {**{k: 0.0 for k in TRAIN_KEYS}, **fit(mine, keys, "train"),
                               **fit(mine, EVAL_KEYS, "eval")}
-    errors = errors_of(rows, fitted)
-    for e in errors:
-        print(f"{e['backend']:5} {e['config']} | train {e['train_measured_mb']:8.3f} / {e['train_planned_mb']:8.3f} "
-              f"MB {e['train_error_pct']:+6.1f}% | eval {e['eval_measured_mb']:7.3f} / {e['eval_planned_mb']:7.3f} "
-              f"MB {e['eval_error_pct']:+6.1f}%")
-    worst = max(abs(e[k]) for e in errors for k in ("train_error_pct", "eval_error_pct"))
-    print(f"largest error {worst:.1f}%")
-    print("CALIBRATION = " + json.dumps(fitted, indent=4))
-    atomic_write(args.out / f"plan_calibration_embedding-{rows[0]['kind']}.json", json.dumps(
-        {"benchmark": "plan_calibration_embedding", "fitted": fitted, "in_use": CALIBRATION, "errors": errors,
-         "largest_error_pct": worst, "measurements": rows, "environment": environment_record()}, indent=2) + "\n")
+    report("plan_calibration_embedding", rows, fitted, CALIBRATION, plan_of, args.out)
     return 0
 
 

@@ -133,7 +133,8 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from trmlx.plan_seq2seq import CALIBRATION, EVAL_KEYS, TRAIN_KEYS
-    from trmlx.rundir import atomic_write, environment_record
+    from plan_calibration import report
+    from trmlx.rundir import atomic_write
 
     if args.refit:
         rows = json.loads(args.refit.read_text())["measurements"]
@@ -142,33 +143,12 @@ def main() -> int:
             rows = measure(args.backends.split(","), Path(tmp))
         atomic_write(Path(tempfile.gettempdir()) / "plan_calibration_seq2seq-measurements.json",
                      json.dumps({"measurements": rows}))
-    fitted, errors = {}, []
+    fitted = {}
     for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
         mine = [r for r in rows if r["backend"] == backend]
-        if not mine:
-            continue
-        fitted[family] = {**fit(mine, TRAIN_KEYS, "train"), **fit(mine, EVAL_KEYS, "eval")}
-        for row in mine:
-            plan = plan_of(row, fitted[family])
-            errors.append({"backend": backend, "config": row["config"],
-                           "train_measured_mb": round(row["train_peak"] / 1e6, 3),
-                           "train_planned_mb": round(plan.train_peak / 1e6, 3),
-                           "train_error_pct": round(100 * (plan.train_peak / row["train_peak"] - 1), 1),
-                           "eval_measured_mb": round(row["eval_peak"] / 1e6, 3),
-                           "eval_planned_mb": round(plan.eval_peak / 1e6, 3),
-                           "eval_error_pct": round(100 * (plan.eval_peak / row["eval_peak"] - 1), 1)})
-    print("backend config (shape, batch, source, target, ckpt, bits, layers, eval batch, new) | train measured / "
-          "planned MB, error | eval measured / planned MB, error")
-    for e in errors:
-        print(f"{e['backend']:5} {e['config']} | {e['train_measured_mb']:8.3f} / {e['train_planned_mb']:8.3f} "
-              f"{e['train_error_pct']:+6.1f}% | {e['eval_measured_mb']:7.3f} / {e['eval_planned_mb']:7.3f} "
-              f"{e['eval_error_pct']:+6.1f}%")
-    worst = max(abs(e[k]) for e in errors for k in ("train_error_pct", "eval_error_pct"))
-    print(f"largest error {worst:.1f}%")
-    print("CALIBRATION = " + json.dumps(fitted, indent=4))
-    atomic_write(args.out / f"plan_calibration_seq2seq-{rows[0]['kind']}.json", json.dumps(
-        {"benchmark": "plan_calibration_seq2seq", "fitted": fitted, "in_use": CALIBRATION, "errors": errors,
-         "largest_error_pct": worst, "measurements": rows, "environment": environment_record()}, indent=2) + "\n")
+        if mine:
+            fitted[family] = {**fit(mine, TRAIN_KEYS, "train"), **fit(mine, EVAL_KEYS, "eval")}
+    report("plan_calibration_seq2seq", rows, fitted, CALIBRATION, plan_of, args.out)
     return 0
 
 
