@@ -345,7 +345,9 @@ def worker_hf(spec: dict) -> dict:
     if quantised:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpoint)
     elif grad_checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from trmlx.backends.cuda.model import enable_checkpointing
+
+        enable_checkpointing(model)
     blocks = model.model.layers
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
                            if isinstance(m, torch.nn.Linear)})  # bnb's Linear4bit subclasses nn.Linear

@@ -122,6 +122,7 @@ def current_rss_bytes() -> int:
 
 def child(mode: str, model_dir: str) -> dict[str, Any]:
     """One way of loading, in this (fresh) process; returns its measurements."""
+    from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten

@@ -93,6 +93,7 @@ def trmlx_examples(steps: int, tokenizer: Any):
 def nll(model: Any, rows: Sequence[tuple[Sequence[int], int]], batch_size: int) -> float:
     """Token-weighted mean NLL over exactly the target tokens (positions prompt_len .. end of each row, as trmlx's
     loss mask), rows right-padded in length-sorted batches; the same evaluator for every system."""
+    from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
@@ -129,6 +130,7 @@ def rows_of(examples: Sequence[Any]) -> list[tuple[list[int], int]]:
 
 
 def child_trmlx(steps: int, workdir: Path) -> dict[str, Any]:
+    from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
     import mlx.core as mx
 
     from trmlx.backend import get_backend
@@ -210,6 +212,7 @@ class TokenDataset:
 def child_mlx_lm(steps: int, workdir: Path, chat: bool, keep_cache: bool = False) -> dict[str, Any]:
     import types
 
+    from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
     import mlx.core as mx
     import numpy as np
     import mlx_lm.lora as lora

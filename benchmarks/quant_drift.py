@@ -57,6 +57,7 @@ def main() -> None:
         q4 = load_recipe(REPO / "recipes" / "quickstart.toml", overrides + ["model.quantize_bits=4"])
         results, device = {}, "cpu"
 
+        from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
         import mlx.core as mx
 
         from trmlx.backends.mlx.device import describe_device

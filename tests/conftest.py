@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
+
+if importlib.util.find_spec("mlx") is not None:  # before any test module imports mlx: the backend picks the BLAS
+    import trmlx.backends.mlx.device  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -27,10 +28,26 @@ def test_wheel_imports_backends_under_trmlx(tmp_path):
 
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
-    ci = (REPO / ".ci" / "run").read_text()
     start = readme.index("<!-- test-command -->")
     command = readme[start:].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
-    assert command in ci
+    assert "-c .ci/constraints.txt" in command and "python -m pytest" in command
+    # .ci/run reads the block from README.md with this awk program; it must find exactly the block above.
+    (awk,) = re.findall(r"command=\$\(awk '([^']+)' README.md\)", (REPO / ".ci" / "run").read_text())
+    extracted = subprocess.run(["awk", awk, str(REPO / "README.md")], capture_output=True, text=True, check=True)
+    assert extracted.stdout.strip() == command
+
+
+def test_constraints_pin_every_dependency_exactly():
+    import tomllib
+
+    lines = [line for line in (REPO / ".ci" / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^=\s]+", line) for line in lines), lines
+    pinned = {re.sub(r"[-_.]+", "-", line.split("==")[0]).lower() for line in lines}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=;! ]", d, maxsplit=1)[0]).lower() for d in wanted}
+    assert names - {"trmlx"} <= pinned, f"not pinned in .ci/constraints.txt: {sorted(names - {'trmlx'} - pinned)}"
 
 
 def test_every_package_folder_is_packaged():

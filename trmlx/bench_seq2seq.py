@@ -95,7 +95,9 @@ def worker_hf(spec: dict[str, Any]) -> dict[str, Any]:
     if bnb:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
     elif ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from trmlx.backends.cuda.model import enable_checkpointing
+
+        enable_checkpointing(model)
     total = len(model.get_decoder().block)
     layers = list(range(total - spec["lora_layers"], total)) if spec["lora_layers"] < total else None
     model = get_peft_model(model, LoraConfig(

@@ -61,6 +61,7 @@ class Probe:
     def __init__(self, backend: str):
         self.mlx = backend == "mlx"
         if self.mlx:
+            from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
             import mlx.core as mx
 
             self.mx = mx
@@ -157,6 +158,7 @@ def measure_matmul(backend: str) -> dict[str, Any]:
         cq = benchmark_module("cuda_qlora")
         dtype = ("bf16" if cq.native_bf16() else "fp16") if torch.cuda.is_available() else "fp32"
         return cq.measure_matmul(dtype)
+    from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
     import mlx.core as mx
 
     gpu = mx.metal.is_available() or (getattr(mx, "cuda", None) is not None and mx.cuda.is_available())
@@ -273,6 +275,7 @@ def worker_trmlx(spec: dict[str, Any], examples: list | None = None) -> dict[str
 def worker_mlx_lm(spec: dict[str, Any]) -> dict[str, Any]:
     """The MLX peer: mlx_lm.tuner.trainer.train with mlx-lm's LoRA layers on the same rows, batch and LoRA; a user's
     pre-quantised model is stood in for by nn.quantize after loading (same g/bits)."""
+    from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim

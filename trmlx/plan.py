@@ -99,6 +99,7 @@ def detect_kind(backend: str) -> str:
             return "gpu"  # planning for a GPU machine from one without torch
         return "gpu" if torch.cuda.is_available() else "cpu"
     try:
+        from trmlx.backends.mlx import device as _blas  # noqa: F401  chooses the BLAS before mlx loads
         import mlx.core as mx
     except ImportError:
         return "metal"

@@ -32,6 +32,7 @@ from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate
 
 from trmlx.backends.cuda.device import cpu_math, describe_device, memory
+from trmlx.backends.cuda.model import enable_checkpointing
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -127,7 +128,7 @@ def load(recipe: Recipe, path: str | Path | None = None, train: bool = False) ->
             raise UserError(f"peft.method: {recipe.peft.method!r} does not apply to embedding models; use lora, "
                             "dora or full")
         if recipe.train.grad_checkpoint:
-            model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model[0].auto_model)
     return embedder
 
 

@@ -11,6 +11,7 @@ import torch
 from trmlx.backend import GenerationSettings, LoadedModel
 from trmlx.data.examples import left_pad
 
+from trmlx.backends.cuda import virtual_tokens
 from trmlx.backends.cuda.model import device
 from trmlx.backends.cuda.train import autocast
 
@@ -27,18 +28,19 @@ def _generate_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> dict:
     return kwargs
 
 
-def _prompt_tuned(model: torch.nn.Module) -> bool:
+def _seq2seq_prompt_tuned(model: torch.nn.Module) -> bool:
     config = getattr(model, "peft_config", {}).get("default")
-    return config is not None and str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
+    return model.config.is_encoder_decoder and str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
 
 
 @torch.no_grad()
 def generate_tokens(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                     settings: GenerationSettings) -> list[list[int]]:
     """New token ids per prompt (EOS and padding removed), one batched `generate` call."""
-    if _prompt_tuned(loaded.model) and len({len(p) for p in prompts}) > 1:
-        # peft's prompt tuning decodes left-padded batches differently from single prompts (measured: the
-        # greedy text diverges), so batch only prompts of equal length, which need no padding.
+    if _seq2seq_prompt_tuned(loaded.model) and len({len(p) for p in prompts}) > 1:
+        # peft puts a T5's soft prompt before the left padding, so the padding changes the prompt's relative
+        # distance to the real tokens (T5's position bias) and the greedy text diverges: batch only prompts of
+        # equal length, which need no padding.
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
@@ -51,14 +53,19 @@ def generate_tokens(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     model = loaded.model
+    eos = loaded.tokenizer.eos_token_id
+    input_ids = torch.from_numpy(ids).long().to(device())
+    input_mask = torch.from_numpy(attention).long().to(device())
     was_training = model.training
     model.eval()
     with autocast(loaded):
-        out = model.generate(input_ids=torch.from_numpy(ids).long().to(device()),
-                             attention_mask=torch.from_numpy(attention).long().to(device()),
-                             **_generate_kwargs(loaded, settings))
+        if virtual_tokens.is_prompt_learning(model):  # peft's generate is not trusted here: see virtual_tokens
+            out = virtual_tokens.generate_tokens(model, input_ids, input_mask, settings, eos)
+        else:
+            out = model.generate(input_ids=input_ids, attention_mask=input_mask, **_generate_kwargs(loaded, settings))
     model.train(was_training)
-    eos = loaded.tokenizer.eos_token_id
+    if isinstance(out, list):
+        return out
     results = []
     # A decoder-only model returns prompt + new tokens; an encoder-decoder returns decoder_start + new tokens.
     first_new = 1 if model.config.is_encoder_decoder else ids.shape[1]
@@ -99,6 +106,10 @@ def stream_tokens(loaded: LoadedModel, prompt: Sequence[int], settings: Generati
 
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
+    if virtual_tokens.is_prompt_learning(loaded.model):
+        with torch.no_grad(), autocast(loaded):
+            yield from virtual_tokens.stream(loaded.model, prompt, settings, loaded.tokenizer.eos_token_id, device())
+        return
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     eos = loaded.tokenizer.eos_token_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,18 @@ from trmlx.backends.cuda.device import cpu_math, describe_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PEFT_PREFIX = "base_model.model."
+# peft 0.21 reads and calls transformers' deprecated checkpointing aliases itself; nothing on our side to move.
+for _alias in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
+    warnings.filterwarnings("ignore", message=f"`{_alias}` is deprecated", category=FutureWarning)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing (it needs no enable_input_require_grads, unlike the reentrant kind):
+    transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def device() -> torch.device:
@@ -62,8 +75,7 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     if tokenizer.pad_token_id is None:  # batches need a pad id; it is never trained on (masked)
         tokenizer.pad_token = tokenizer.eos_token
     if recipe.train.grad_checkpoint:
-        # Non-reentrant checkpointing needs no enable_input_require_grads (that is for the reentrant kind).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     peft = recipe.peft
     if adapter is not None:
         from peft import PeftModel

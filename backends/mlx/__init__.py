@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from trmlx.backends.mlx import device as _device  # noqa: F401  first: it chooses the BLAS before mlx loads
 from trmlx.backend import GenerationSettings, LoadedModel, MemoryStats
 from trmlx.data.examples import Example
 from trmlx.recipe.schema import Recipe

@@ -150,6 +150,8 @@ def read_hub_rows(name: str, config: str, split: str) -> list[Row]:
     if not offline and not _hub_reachable():
         offline = True
         os.environ["HF_HUB_OFFLINE"] = "1"  # make datasets use the cache instead of retrying the network
+    if offline:
+        _declare_offline()
     from datasets import load_dataset
 
     try:
@@ -159,6 +161,16 @@ def read_hub_rows(name: str, config: str, split: str) -> list[Row]:
         raise UserError(f"{label}: cannot load split {split!r}: {reason}; download it while online or point "
                         "data.train at local files") from None
     return [Row(v, f"{name}[{split}]: row {i + 1}") for i, v in enumerate(dataset)]
+
+
+def _declare_offline() -> None:
+    """huggingface_hub and datasets read HF_HUB_OFFLINE once, when imported: if they were imported before it was set
+    (transformers imports them), set what they read too, or load_dataset retries the network for ~23 s."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
