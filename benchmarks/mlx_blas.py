@@ -75,7 +75,7 @@ def measure(blas: str, embed_steps: int, quickstart_steps: int) -> dict[str, Any
     result["quickstart"] = {"steps": quickstart_steps, "train_wall_seconds": round(wall, 1),
                             "tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows[1:])}
     rows, wall = train(REPO / "recipes" / "qa_embed_quickstart.toml", blas,
-                       [f"train.steps={embed_steps}", "train.eval_every=0", "train.log_every=1"])
+                       [f"train.steps={embed_steps}", "train.epochs=0", "train.eval_every=0", "train.log_every=1"])
     per_step = statistics.median(b["elapsed_seconds"] - a["elapsed_seconds"] for a, b in zip(rows, rows[1:]))
     result["embedding_quickstart"] = {"steps": embed_steps, "train_wall_seconds": round(wall, 1),
                                       "seconds_per_step": round(per_step, 2),
