@@ -164,10 +164,10 @@ PEER_NEEDS = {"hf": ("transformers", "peft", "accelerate")}
 
 def spec_fields(recipe: Any, shape: Any, seq_len: int) -> dict[str, Any]:
     """Target length from the recipe; eval prompts are whole source rows; LoRA targets by their last name."""
-    linears = {n.rsplit(".", 1)[-1] for stack in ("encoder", "decoder") for n in shape.linears(stack)}
-    targets = recipe.peft.targets
-    keys = sorted(linears) if targets == "all-linear" else sorted(
-        {t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets)} & linears)
+    from trmlx.adapters import peft_target_modules
+
+    paths = [n for stack in ("encoder", "decoder") for n in shape.linears(stack)]
+    keys = peft_target_modules(paths, recipe.peft.targets)
     return {"target_len": recipe.data.max_target_length, "prompt_len": seq_len, "lora_keys": keys,
             "lora_layers": recipe.peft.layers or max(shape.encoder_layers, shape.decoder_layers)}
 

@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from trmlx.adapters import match_targets
 from trmlx.errors import UserError
 from trmlx.model_shape import PRESETS, ModelShape, load_shape  # noqa: F401  (re-exported: plan's inputs)
 from trmlx.recipe.schema import Recipe
@@ -183,15 +184,8 @@ def padded_positions(seq_len: int) -> int:
 
 
 def target_names(shape: ModelShape, targets: str | list[str]) -> list[str]:
-    names = list(shape.linears())
-    if targets == "all-linear":
-        return names
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [n for n in names if any(n == t or n.endswith("." + t) or n.rsplit(".", 1)[-1] == t for t in wanted)]
-    if not chosen:
-        raise UserError(f"peft.targets: {wanted} matches no linear layer of this model "
-                        f"({', '.join(n.rsplit('.', 1)[-1] for n in names)})")
-    return chosen
+    """Paths of the block's linears that peft.targets names (the rule both backends use)."""
+    return match_targets(shape.linears(), targets)
 
 
 def mlx_quantised_bytes(recipe: Recipe, stored: int) -> tuple[float, str]:

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from trmlx.adapters import is_target, match_targets
 from trmlx.errors import UserError
 from trmlx.plan import (GB, MLX_KV_STEP, OVERHEAD_GB, PAD_MULTIPLE, Plan, Target, Term, bnb_4bit_bytes,
                         mlx_quantised_bytes)
@@ -133,18 +134,16 @@ def adapted(recipe: Recipe, shape: Seq2SeqShape) -> tuple[int, int, int]:
     peft, enc, dec = recipe.peft, shape.encoder_layers, shape.decoder_layers
     if peft.method in ("lora", "dora"):
         wanted = peft.targets
+        match_targets([*shape.linears("encoder"), *shape.linears("decoder")], wanted)  # each target names a layer
         top = max(enc, dec)  # peft.layers = n: the last n block indices of both stacks
         first = top - min(peft.layers, top) if peft.layers else 0
         params = 0
         for stack, count in (("encoder", enc), ("decoder", dec)):
-            names = [n for n in shape.linears(stack) if wanted == "all-linear" or n.rsplit(".", 1)[-1] in wanted]
+            names = [n for n in shape.linears(stack) if is_target(n, wanted)]
             per_block = sum(peft.rank * sum(shape.linears(stack)[n]) + (shape.linears(stack)[n][1]
                                                                         if peft.method == "dora" else 0)
                             for n in names)
             params += per_block * max(0, count - first)
-        if not params:
-            raise UserError(f"peft.targets: {wanted} matches no linear layer of this T5 "
-                            "(q, k, v, o, wi/wi_0/wi_1, wo)")
         # An adapted encoder block puts every decoder layer in the path (each reads the encoder output).
         return params, max(0, enc - first), dec
     if peft.method == "prompt":

@@ -145,24 +145,17 @@ def _set_normalize(model: Any, normalize: bool) -> None:
 
 def attach_lora(model: Any, recipe: Recipe) -> None:
     """peft LoRA/DoRA on the same linears as the MLX backend (all-linear = every linear of each block), scaled
-    alpha / r, A from trmlx.adapter_init.lora_a_init, B zero."""
+    alpha / r, A from trmlx.adapters.lora_a_init, B zero."""
     from peft import LoraConfig, get_peft_model
 
-    from trmlx.adapter_init import lora_a_init
+    from trmlx.adapters import layer_indices, lora_a_init, match_targets
 
     cfg = recipe.peft
     base = model[0].auto_model
     blocks = base.encoder.layer
     linears = sorted(n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear))
-    wanted = linears if cfg.targets == "all-linear" else [cfg.targets] if isinstance(cfg.targets, str) else cfg.targets
-    keys = [n for n in linears if any(n == t or n.endswith("." + t) for t in wanted)]
-    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linears)]
-    if missing:
-        raise UserError(f"peft.targets: {', '.join(map(repr, missing))} matches no linear layer of this model; its "
-                        f"linear layers are {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))}")
-    if cfg.layers > len(blocks):
-        raise UserError(f"peft.layers: requested to adapt {cfg.layers} layers but the model only has {len(blocks)}")
-    layers = range(len(blocks) - cfg.layers, len(blocks)) if cfg.layers else range(len(blocks))
+    keys = match_targets(linears, cfg.targets)
+    layers = layer_indices(len(blocks), cfg.layers)
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                         target_modules=[f"encoder.layer.{i}.{k}" for i in layers for k in keys],
                         use_dora=cfg.method == "dora")

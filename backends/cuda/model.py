@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from trmlx.adapter_init import lora_a_init
+from trmlx.adapters import layer_indices, lora_a_init, peft_target_modules
 from trmlx.backend import LoadedModel
 from trmlx.distributed import is_main
 from trmlx.errors import UserError
@@ -124,16 +124,8 @@ def target_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
 
     linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     blocks = transformer_blocks(model)
-    linears = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
-                      if isinstance(m, linear_types)})
-    if targets == "all-linear":
-        return linears
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    missing = [t for t in wanted if t.rsplit(".", 1)[-1] not in linears]
-    if missing:
-        raise UserError(f"peft.targets: {', '.join(repr(m) for m in missing)} matches no linear layer of this "
-                        f"model; its linear layers are {', '.join(linears)}")
-    return sorted({t.rsplit(".", 1)[-1] for t in wanted})
+    return peft_target_modules((name for name, m in blocks[0].named_modules() if isinstance(m, linear_types)),
+                               targets)
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -146,11 +138,8 @@ def attach_lora(model: torch.nn.Module, peft_cfg: PeftConfig, seed: int) -> torc
     """peft LoRA/DoRA with PEFT scaling alpha/r; A from the core's seeded init, B zero (as on MLX)."""
     from peft import LoraConfig, get_peft_model
 
-    total = len(transformer_blocks(model))
     seq2seq = model.config.is_encoder_decoder
-    if peft_cfg.layers > total:
-        raise UserError(f"peft.layers: requested to adapt {peft_cfg.layers} layers but the model only has {total}")
-    layers = list(range(total - peft_cfg.layers, total)) if peft_cfg.layers else None
+    layers = layer_indices(len(transformer_blocks(model)), peft_cfg.layers) if peft_cfg.layers else None
     config = LoraConfig(r=peft_cfg.rank, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
                         target_modules=target_names(model, peft_cfg.targets), layers_to_transform=layers,
                         use_dora=peft_cfg.method == "dora", task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",

@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from trmlx.adapter_init import lora_a_init
+from trmlx import adapters
+from trmlx.adapters import lora_a_init
 from trmlx.errors import UserError
 from trmlx.recipe.schema import PeftConfig
 from trmlx.rundir import atomic_write
@@ -31,10 +32,7 @@ _WRAPPERS = (LoRALinear, DoRALinear)
 
 def layer_indices(model: nn.Module, last_n: int) -> list[int]:
     """Indices of the transformer blocks to adapt: the last `last_n`, or all when 0."""
-    total = len(model.layers)
-    if last_n > total:
-        raise UserError(f"peft.layers: requested to adapt {last_n} layers but the model only has {total}")
-    return list(range(total - last_n, total)) if last_n else list(range(total))
+    return adapters.layer_indices(len(model.layers), last_n)
 
 
 def target_keys(model: nn.Module, targets: str | list[str]) -> list[str]:
@@ -46,15 +44,7 @@ def target_keys(model: nn.Module, targets: str | list[str]) -> list[str]:
     modules = dict(model.layers[0].named_modules())
     linears = [name for name, module in modules.items() if isinstance(module, _LINEAR + _WRAPPERS)
                and not isinstance(modules.get(name.rpartition(".")[0]), _WRAPPERS)]
-    if targets == "all-linear":
-        return sorted(linears)
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linears)]
-    if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise UserError(f"peft.targets: {', '.join(repr(m) for m in missing)} matches no linear layer of this "
-                        f"model; its linear layers are {', '.join(names)}")
-    return sorted(n for n in linears if any(n == t or n.endswith("." + t) for t in wanted))
+    return adapters.match_targets(linears, targets)
 
 
 def apply_lora(model: nn.Module, peft: PeftConfig, seed: int = 0) -> list[str]:
