@@ -63,3 +63,19 @@ def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match=r"--backend: unknown backend 'tpu'; expected one of mlx, cuda"):
         get_backend("tpu")
     assert set(REGISTRY) == {"mlx", "cuda"}
+
+
+def test_generation_defaults_are_the_schema_defaults_and_the_backend_list_is_one():
+    import dataclasses
+
+    from trmlx.backend import REGISTRY, GenerationSettings
+    from trmlx.cli import main
+    from trmlx.recipe.schema import BACKEND_NAMES, EvalConfig
+
+    shared = {f.name for f in dataclasses.fields(GenerationSettings)} & {f.name for f in dataclasses.fields(EvalConfig)}
+    assert shared == {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"}
+    assert all(getattr(GenerationSettings(), n) == getattr(EvalConfig(), n) for n in shared)
+    assert tuple(REGISTRY) == BACKEND_NAMES
+    choices = {name: tuple(o.type.choices) for name, command in main.commands.items() for o in command.params
+               if o.name == "backend"}
+    assert len(choices) >= 7 and set(choices.values()) == {BACKEND_NAMES}, choices

@@ -12,25 +12,24 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from trmlx.data.examples import Example
 from trmlx.errors import UserError
-from trmlx.recipe.schema import Recipe
+from trmlx.recipe.schema import BACKEND_NAMES, EvalConfig, Recipe
 from trmlx.report import StepReport
 
-# Backend name -> (module, extra that installs it). Modules live in backends/<name>, installed as trmlx.backends.
-REGISTRY: dict[str, tuple[str, str]] = {
-    "mlx": ("trmlx.backends.mlx", "mlx"),
-    "cuda": ("trmlx.backends.cuda", "cuda"),
-}
+# Backend name -> (module, extra that installs it). Modules live in backends/<name>, installed as trmlx.backends;
+# each backend's extra has its name.
+REGISTRY: dict[str, tuple[str, str]] = {name: (f"trmlx.backends.{name}", name) for name in BACKEND_NAMES}
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings shared by eval and generate (defaults come from the recipe's eval section)."""
+    """Decoding settings shared by eval and generate; the defaults are the recipe's eval section's (the schema holds
+    every default, documented: `trmlx recipe explain eval`)."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = EvalConfig.max_new_tokens
+    temperature: float = EvalConfig.temperature
+    top_p: float = EvalConfig.top_p
+    top_k: int = EvalConfig.top_k
+    repetition_penalty: float = EvalConfig.repetition_penalty
     stop: tuple[str, ...] = ()
     seed: int | None = None  # sampling seed, for reproducible sampled output; greedy ignores it
 

@@ -59,7 +59,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
     from trmlx.recipe import load_recipe, recipe_to_toml
     from trmlx.rundir import atomic_write, environment_record
 
-    backends = list(backends or [b for b in ("mlx", "cuda") if installed(BACKEND_NEEDS[b])])
+    backends = list(backends or [b for b in BACKEND_NEEDS if installed(BACKEND_NEEDS[b])])
     missing = [b for b in backends if b not in BACKEND_NEEDS or not installed(BACKEND_NEEDS[b])]
     if missing or not backends:
         raise UserError(f"--backends: {', '.join(missing) or 'none'} not installed (pip install 'trmlx[mlx]' or "

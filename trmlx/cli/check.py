@@ -9,11 +9,12 @@ import click
 from trmlx.cli.common import console as common_console
 from trmlx.cli.common import emit, json_option, set_option
 from trmlx.errors import UserError
+from trmlx.recipe.schema import BACKEND_NAMES
 
 
 @click.command("check")
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Also check the settings against this backend and apply its [backend.NAME] overrides.")
 @click.option("--no-tokenizer", is_flag=True, help="Skip token-length statistics even if the tokenizer is local.")
 @set_option

@@ -13,8 +13,8 @@ from typing import Any
 
 from trmlx.cli.common import console, emit
 from trmlx.errors import UserError
+from trmlx.recipe.schema import BACKEND_NAMES
 
-BACKENDS = ("mlx", "cuda")
 
 
 def is_embedding_target(target: str) -> bool:
@@ -45,7 +45,7 @@ def run_backend(run: Path) -> str:
         name = json.loads((run / "environment.json").read_text()).get("backend")
     except (OSError, ValueError):
         return "mlx"
-    return name if name in BACKENDS else "mlx"
+    return name if name in BACKEND_NAMES else "mlx"
 
 
 def resolve_system(target: str, backend: str | None, overrides: tuple[str, ...]) -> System:

@@ -14,12 +14,12 @@ import click
 
 from trmlx.cli.common import console, emit, json_option, set_option
 from trmlx.errors import UserError
+from trmlx.recipe.schema import BACKEND_NAMES
 
 if TYPE_CHECKING:
     from trmlx.recipe import Recipe
     from trmlx.rundir import RunDir
 
-BACKENDS = ("mlx", "cuda")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _run_backend(run: "RunDir") -> str:
         name = json.loads(run.environment.read_text()).get("backend")
     except (OSError, ValueError):
         return "mlx"
-    return name if name in BACKENDS else "mlx"
+    return name if name in BACKEND_NAMES else "mlx"
 
 
 def _render(result: dict[str, Any]) -> None:
@@ -101,7 +101,7 @@ def _render(result: dict[str, Any]) -> None:
 @click.argument("targets", nargs=-1, required=True, metavar="RUN_DIR|RECIPE...")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="PEFT adapter folder (default RUN_DIR/adapter; with a RECIPE and no --adapter: the base model).")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Framework to run on (default: the run's backend from environment.json, else mlx).")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
               help="Which split of the recipe's data to evaluate.")

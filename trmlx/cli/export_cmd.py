@@ -10,6 +10,7 @@ import click
 
 from trmlx.cli.common import console, emit, json_option, set_option
 from trmlx.errors import UserError
+from trmlx.recipe.schema import BACKEND_NAMES
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -34,7 +35,7 @@ def _render(result: dict[str, Any]) -> None:
               help="Dtype of the written weights (default: the base model's dtype from its config.json, else fp16).")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="PEFT adapter folder to merge (default RUN_DIR/adapter; required when RUN_DIR is a recipe file).")
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Framework that merges (default: the run's backend). Adapters are PEFT files, so either "
                    "backend merges either backend's adapter.")
 @set_option

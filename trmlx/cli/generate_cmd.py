@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from trmlx.cli.common import console, emit, json_option
-from trmlx.cli.eval_cmd import BACKENDS, Target, resolve_target
+from trmlx.cli.eval_cmd import Target, resolve_target
 from trmlx.errors import UserError
+from trmlx.recipe.schema import BACKEND_NAMES
 
 if TYPE_CHECKING:
     from trmlx.backend import Backend, GenerationSettings, LoadedModel
@@ -76,7 +77,7 @@ def _complete(backend: "Backend", loaded: "LoadedModel", ids: list[int], setting
               help="PEFT adapter folder (default RUN_DIR/adapter).")
 @click.option("--no-adapter", is_flag=True, help="Use the base model of the run, without its adapter.")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is: no template, prefix or chat formatting.")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Framework to run on (default: the run's backend, else mlx).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None,
               help="0 = greedy (default eval.temperature).")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import click
 
 from trmlx.cli.common import console, emit, json_option, set_option
+from trmlx.recipe.schema import BACKEND_NAMES
 
 
 @click.command("plan")
 @click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default="mlx", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="mlx", show_default=True)
 @click.option("--budget", default=None, metavar="SIZE",
               help="Memory budget, e.g. 16GB (default: the recipe's train.memory_budget, if any).")
 @click.option("--model-shape", default=None, metavar="7b|qwen2.5-7b|tiny|CONFIG.json",

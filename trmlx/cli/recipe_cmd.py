@@ -6,6 +6,7 @@ import click
 
 from trmlx.cli.common import console as common_console
 from trmlx.cli.common import emit, json_option, set_option
+from trmlx.recipe.schema import BACKEND_NAMES
 
 
 @click.group("recipe")
@@ -40,7 +41,7 @@ def explain(section: str | None, as_json: bool) -> None:
 
 @recipe.command("show")
 @click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default=None, help="Apply this backend's overrides.")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None, help="Apply this backend's overrides.")
 @set_option
 @json_option
 def show(path: str, backend: str | None, overrides: tuple[str, ...], as_json: bool) -> None:

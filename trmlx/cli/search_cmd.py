@@ -17,6 +17,7 @@ import click
 
 from trmlx.cli.common import console, emit, json_option, set_option
 from trmlx.errors import UserError
+from trmlx.recipe.schema import BACKEND_NAMES
 
 TEXT_COLUMNS = ("text", "answer", "positive", "pos", "passage", "document", "content")
 FAISS_FROM = 50_000  # engine=auto: FAISS (when installed) from this many corpus texts; numpy below
@@ -107,7 +108,7 @@ def choose_engine(engine: str, size: int) -> str:
 @click.option("--column", default=None, help="The corpus file's text column (default: the first known name).")
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=None,
               help="Answers per query (default embedding.top_k).")
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Framework to encode with (default: the run's backend, else mlx).")
 @click.option("--base", "use_base", is_flag=True, help="Search with the run's base model, not the fine-tuned one.")
 @click.option("--save-index", is_flag=True,

@@ -7,11 +7,12 @@ import sys
 import click
 
 from trmlx.cli.common import console, emit, json_option, set_option
+from trmlx.recipe.schema import BACKEND_NAMES
 
 
 @click.command("train")
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default="mlx", show_default=True,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="mlx", show_default=True,
               help="Framework to train with: mlx (Apple silicon, MLX CPU/CUDA builds) or cuda (torch).")
 @click.option("--output", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/<recipe-name>-<timestamp>).")

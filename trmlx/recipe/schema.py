@@ -194,7 +194,7 @@ class Recipe:
     )
 
 
-BACKEND_NAMES = ("mlx", "cuda")
+BACKEND_NAMES = ("mlx", "cuda")  # the one list of backends: folders under backends/, --backend choices
 
 # The row layouts each task kind accepts, tried in order: a layout applies when all its roles have a column.
 TASK_LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
