@@ -48,15 +48,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+# The measuring pieces and side B (the HF notebook recipe) ship in the package, where `trmlx bench` uses them too.
+from trmlx.bench.harness import (clock, memory_now, native_bf16, peak_memory, ratio, slug, summarise, synthetic_rows,
+                                 torch_matmul_rate, trial_times)
+from trmlx.bench.hf_causal import worker_hf
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "translate_7b.toml"
@@ -75,21 +78,6 @@ CPU_NOTE = ("CPU run with the tiny shape: it checks that the benchmark pipeline 
             "result; 4-bit bitsandbytes on a CPU says nothing about CUDA speed.")
 
 
-# ----------------------------------------------------------------------------------------------- shared helpers
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def spread(values: Sequence[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "trials": list(values)}
-
-
-def scaled(stats: dict[str, Any], factor: float) -> dict[str, Any]:
-    return {k: ([v * factor for v in x] if isinstance(x, list) else x * factor) for k, x in stats.items()}
-
-
 # ----------------------------------------------------------------------------------------------- workers
 # Each runs in its own interpreter: `python cuda_qlora.py --worker NAME SPEC.json RESULT.json`.
 
@@ -100,75 +88,6 @@ def llama_parameters(spec: dict[str, int]) -> int:
     q, kv = spec["num_heads"] * head_dim, spec["num_kv_heads"] * head_dim
     block = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
     return 2 * vocab * h + spec["num_layers"] * block + h
-
-
-def native_bf16() -> bool:
-    """bf16 tensor-core matmuls (Ampere and newer). torch.cuda.is_bf16_supported() also says True where bf16 is
-    only emulated (T4, P100), which is not 'as the GPU allows'."""
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-
-
-def _clock():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _memory_now() -> dict[str, float]:
-    import torch
-
-    if torch.cuda.is_available():
-        return {"allocated_gb": torch.cuda.memory_allocated() / 1e9,
-                "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    return {"allocated_gb": rss, "peak_allocated_gb": rss}
-
-
-def _peak_memory() -> dict[str, Any]:
-    """Peak since the last reset: torch's allocator counters on a GPU, the process's peak RSS on the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
-                "memory_kind": "torch.cuda.max_memory_allocated from the start of training"}
-    import resource
-
-    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "memory_kind": "peak resident set of the whole process (ru_maxrss; includes Python, torch and load)"}
-
-
-def measure_matmul(dtype_name: str, trials: int = 5) -> dict[str, Any]:
-    """The device's dense matmul rate: n×n×n products (8192 on a GPU, 1024 fp32 on the CPU), several timed
-    trials after warm-up; the best trial is the peak used for MFU."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    n, reps = (8192, 20) if gpu else (1024, 8)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    dev = "cuda" if gpu else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
-    for _ in range(3):
-        c = a @ b
-    rates = []
-    for _ in range(trials):
-        start = _clock()
-        for _ in range(reps):
-            c = a @ b
-        rates.append(2 * n**3 * reps / (_clock() - start))
-    del a, b, c
-    if gpu:
-        torch.cuda.empty_cache()
-    return {"n": n, "dtype": dtype_name, "reps_per_trial": reps, "peak_flops": max(rates),
-            "median_flops": statistics.median(rates), "trial_flops": rates}
 
 
 def build_model(model_dir: Path, shape: str, seed: int) -> dict[str, Any]:
@@ -237,23 +156,9 @@ def worker_prepare(spec: dict) -> dict:
     dtype = ("bf16" if native_bf16() else "fp16") if gpu else "fp32"
     reason = ("GPU with native bf16 (compute capability >= 8)" if dtype == "bf16" else
               "GPU without native bf16 (e.g. T4, P100): fp16" if gpu else "CPU: fp32, as trmlx uses there")
-    matmul = measure_matmul(dtype)
+    matmul = torch_matmul_rate(dtype)
     model = build_model(Path(spec["model_dir"]), spec["shape"], spec["seed"])
     return {"device": info, "compute_dtype": dtype, "dtype_reason": reason, "matmul": matmul, "model": model}
-
-
-def synthetic_rows(spec: dict) -> "Any":
-    """n × seq_len token ids (never the 4 special ids), the same for both sides."""
-    import numpy as np
-
-    n = spec["batch_size"] * spec["grad_accum"] * spec["total_steps"]
-    rng = np.random.default_rng(spec["seed"])
-    return rng.integers(4, spec["vocab_size"], size=(n, spec["seq_len"]), dtype=np.int64)
-
-
-def _trial_times(step_seconds: list[float], spec: dict) -> list[float]:
-    timed = step_seconds[spec["warmup"]:]
-    return [sum(timed[i * spec["steps"]:(i + 1) * spec["steps"]]) for i in range(spec["trials"])]
 
 
 def worker_trmlx(spec: dict) -> dict:
@@ -281,7 +186,7 @@ def worker_trmlx(spec: dict) -> dict:
     start = time.perf_counter()
     loaded = load(recipe)
     load_s = time.perf_counter() - start
-    load_peak = _memory_now()
+    load_peak = memory_now()
     rows = synthetic_rows(spec)
     half = spec["seq_len"] // 2
     examples = [Example(tuple(int(t) for t in row), prompt_len=half) for row in rows]
@@ -299,120 +204,23 @@ def worker_trmlx(spec: dict) -> dict:
     step_seconds, losses = [], []
     with tempfile.TemporaryDirectory() as run_dir:
         reports = train_loop(loaded, recipe, examples, [], Path(run_dir))
-        before_train = _memory_now()["allocated_gb"]
-        previous = _clock()
+        before_train = memory_now()["allocated_gb"]
+        previous = clock()
         for report in reports:
             if report.kind != "train":
                 continue
-            now = _clock()
+            now = clock()
             step_seconds.append(now - previous)
             previous = now
             losses.append(report.loss)
             if len(step_seconds) == total:
                 break
-        peak = _peak_memory()
+        peak = peak_memory()
         reports.close()  # stop at the yield: no end-of-run checkpoint inside the timing or the memory peak
-    return {"step_seconds": step_seconds, "trial_seconds": _trial_times(step_seconds, spec), "losses": losses,
+    return {"step_seconds": step_seconds, "trial_seconds": trial_times(step_seconds, spec), "losses": losses,
             "load_seconds": load_s, "load_peak_memory_gb": load_peak["peak_allocated_gb"],
             "model_memory_gb": before_train, "forward_positions_per_step":
             spec["batch_size"] * spec["grad_accum"] * (spec["seq_len"] - 1), "setup": setup, **peak}
-
-
-def worker_hf(spec: dict) -> dict:
-    """Side B: the notebook recipe — bnb 4-bit NF4 + prepare_model_for_kbit_training + peft LoRA + Trainer."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
-                              TrainingArguments, default_data_collator)
-
-    from trmlx.recipe import load_recipe
-
-    # The same LoRA / optimizer / schedule numbers as side A (trmlx bench passes its own recipe and --set).
-    recipe = load_recipe(spec.get("recipe", RECIPE), spec.get("overrides", []), backend="cuda")
-    quantised = recipe.model.quantize_bits in (4, 8)
-    gpu = torch.cuda.is_available()
-    bf16 = gpu and native_bf16()  # not is_bf16_supported(): that is True on a T4 too (emulated bf16)
-    dtype = torch.bfloat16 if bf16 else (torch.float16 if gpu else torch.float32)
-    grad_checkpoint = recipe.train.grad_checkpoint
-    start = time.perf_counter()
-    bnb = (BitsAndBytesConfig(load_in_8bit=True) if recipe.model.quantize_bits == 8 else
-           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)) if quantised else None
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb, dtype=dtype,
-                                                 device_map={"": 0 if gpu else "cpu"})
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model.config.use_cache = False
-    if quantised:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpoint)
-    elif grad_checkpoint:
-        from trmlx.backends.cuda.model import enable_checkpointing
-
-        enable_checkpointing(model)
-    blocks = model.model.layers
-    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
-                           if isinstance(m, torch.nn.Linear)})  # bnb's Linear4bit subclasses nn.Linear
-    layers = list(range(len(blocks) - spec["lora_layers"], len(blocks)))
-    lora = LoraConfig(r=recipe.peft.rank, lora_alpha=recipe.peft.alpha, lora_dropout=recipe.peft.dropout,
-                      target_modules=linear_names, layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    load_s = time.perf_counter() - start
-    load_peak = _memory_now()
-
-    rows = torch.from_numpy(synthetic_rows(spec))
-    half = spec["seq_len"] // 2
-    labels = rows.clone()
-    labels[:, :half] = -100  # HF shifts inside the loss: targets are tokens half..seq_len-1, as on side A
-    dataset = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": y} for r, y in zip(rows, labels)]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.step_seconds: list[float] = []
-            self.previous = 0.0
-            self.before_train = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            self.before_train = _memory_now()["allocated_gb"]
-            self.previous = _clock()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = _clock()
-            self.step_seconds.append(now - self.previous)
-            self.previous = now
-
-    timer = StepTimer()
-    # paged_adamw_8bit on a GPU, as on side A; HF's name for plain AdamW is adamw_torch
-    optim = {"adamw": "adamw_torch"}.get(recipe.train.optimizer, recipe.train.optimizer) if gpu else "adamw_torch"
-    with tempfile.TemporaryDirectory() as out_dir:
-        args = TrainingArguments(
-            output_dir=out_dir, per_device_train_batch_size=spec["batch_size"],
-            gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["total_steps"],
-            learning_rate=recipe.train.lr, lr_scheduler_type=recipe.train.schedule,
-            warmup_steps=spec["lr_warmup_steps"], weight_decay=recipe.train.weight_decay,
-            max_grad_norm=recipe.train.grad_clip, optim=optim, bf16=bf16, fp16=gpu and not bf16,
-            gradient_checkpointing=grad_checkpoint, logging_steps=1, save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=True, seed=recipe.train.seed, remove_unused_columns=False,
-            dataloader_num_workers=0, use_cpu=not gpu)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                          callbacks=[timer])
-        trainer.train()
-        peak = _peak_memory()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    setup = {"dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "optimizer": optim,
-             "grad_checkpoint": grad_checkpoint, "grad_accum": spec["grad_accum"],
-             "quant": {4: "4-bit nf4 double_quant=True", 8: "8-bit int8"}.get(recipe.model.quantize_bits, "none"),
-             "prepare_model_for_kbit_training": quantised,
-             "lora": {"rank": recipe.peft.rank, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
-                      "targets": linear_names, "layers": spec["lora_layers"]},
-             "attn_implementation": getattr(model.config, "_attn_implementation", None),
-             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-             "forward_positions_per_row": spec["seq_len"], "pad_token_id": tokenizer.pad_token_id}
-    return {"step_seconds": timer.step_seconds, "trial_seconds": _trial_times(timer.step_seconds, spec),
-            "losses": losses, "load_seconds": load_s, "load_peak_memory_gb": load_peak["peak_allocated_gb"],
-            "model_memory_gb": timer.before_train,
-            "forward_positions_per_step": spec["batch_size"] * spec["grad_accum"] * spec["seq_len"],
-            "setup": setup, **peak}
 
 
 WORKERS = {"prepare": worker_prepare, "trmlx": worker_trmlx, "hf": worker_hf}
@@ -454,44 +262,6 @@ def run_worker(name: str, spec: dict, work: Path, label: str) -> dict:
     print(f"  {label}: failed (exit {proc.returncode}); last lines of {log_path}:", file=sys.stderr)
     print("    " + "\n    ".join(lines[-15:]), file=sys.stderr)
     return {"error": reason.strip()[:300] or f"exit code {proc.returncode}"}
-
-
-def summarise(raw: dict, spec: dict, params: int, peak_flops: float) -> dict:
-    """Tokens/s (trained = target tokens, all = positions through the forward), MFU and memory of one side."""
-    if "error" in raw:
-        return raw
-    trained = spec["batch_size"] * spec["grad_accum"] * (spec["seq_len"] - spec["seq_len"] // 2)
-    positions = raw["forward_positions_per_step"]
-    trials = raw["trial_seconds"]
-    trained_tps = [trained * spec["steps"] / s for s in trials]
-    all_tps = [positions * spec["steps"] / s for s in trials]
-    recompute = 2 if raw["setup"]["grad_checkpoint"] else 0
-    timed = raw["step_seconds"][spec["warmup"]:]
-    return {
-        "trained_tokens_per_step": trained, "all_tokens_per_step": positions,
-        "step_seconds": {"median": statistics.median(timed), "min": min(timed), "max": max(timed)},
-        "trained_tokens_per_second": spread(trained_tps),
-        "all_tokens_per_second": spread(all_tps),
-        "mfu": scaled(spread(all_tps), 4 * params / peak_flops),
-        "hfu": scaled(spread(all_tps), (4 + recompute) * params / peak_flops),
-        "peak_memory_gb": raw["peak_memory_gb"], **({"peak_reserved_gb": raw["peak_reserved_gb"]}
-                                                    if "peak_reserved_gb" in raw else {}),
-        "memory_kind": raw["memory_kind"], "model_memory_gb": raw["model_memory_gb"],
-        "load_peak_memory_gb": raw["load_peak_memory_gb"], "load_seconds": raw["load_seconds"],
-        "process_seconds": raw.get("process_seconds"),
-        "loss": {"first": raw["losses"][0] if raw["losses"] else None,
-                 "last": raw["losses"][-1] if raw["losses"] else None},
-        "warmup_step_seconds": raw["step_seconds"][:spec["warmup"]],
-        "setup": raw["setup"],
-    }
-
-
-def ratio(a: dict, b: dict, key: str) -> float | None:
-    if "error" in a or "error" in b:
-        return None
-    va = a[key]["median"] if isinstance(a[key], dict) else a[key]
-    vb = b[key]["median"] if isinstance(b[key], dict) else b[key]
-    return round(va / vb, 4) if vb else None
 
 
 def table(configs: list[dict], cpu: bool) -> str:
@@ -611,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "grad_accum": args.grad_accum, "warmup": args.warmup, "steps": args.steps,
                         "trials": args.trials, "total_steps": total_steps, "seed": args.seed,
                         "vocab_size": shape["vocab_size"], "lora_layers": lora_layers,
-                        "lr_warmup_steps": min(recipe_train.warmup_steps, total_steps - 1)}
+                        "lr_warmup_steps": min(recipe_train.warmup_steps, total_steps - 1),
+                        "recipe": str(RECIPE), "overrides": []}
                 record: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size}
                 # Alternate which side goes first, so a drift of the machine (clocks, heat) favours neither.
                 for side in SIDES if len(configs) % 2 == 0 else SIDES[::-1]:

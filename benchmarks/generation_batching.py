@@ -16,24 +16,13 @@ import argparse
 import json
 import re
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from trmlx.bench.harness import timed_trials
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "quickstart.toml"
-
-
-def timed_trials(run, trials: int) -> tuple[list[float], list[list[int]]]:
-    """Wall-clock seconds per trial after one untimed warm-up; generate_batched returns Python lists, so the
-    device has finished when the clock is read."""
-    outputs = run()
-    seconds = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        outputs = run()
-        seconds.append(time.perf_counter() - start)
-    return seconds, outputs
 
 
 def summary(seconds: Sequence[float], tokens: int, batch_size: int) -> dict[str, Any]:

@@ -53,6 +53,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+from trmlx.bench.causal import TokenDataset
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "quickstart.toml"
 MODEL = REPO / "recipes" / "models" / "tiny-llama-tr"
@@ -180,33 +182,6 @@ def trmlx_batches(train_set: Sequence[Any], steps: int) -> dict[str, Any]:
         used.update(batch)
     return {"positions": positions, "targets": targets, "distinct_input_widths": len(widths),
             "examples_seen": len(used), "examples": len(train_set)}
-
-
-class TokenIds(list):
-    """Token ids that carry their loss offset (the prompt length: mlx-lm's first target position)."""
-
-    offset = 0
-
-
-class TokenDataset:
-    """trmlx's examples as an mlx-lm dataset: raw item = the token ids (so CacheDataset sorts by length),
-    process() = (ids, offset)."""
-
-    def __init__(self, examples: Sequence[Any]):
-        self._items = []
-        for e in examples:
-            ids = TokenIds(e.input_ids)
-            ids.offset = e.prompt_len
-            self._items.append(ids)
-
-    def __getitem__(self, idx: int) -> TokenIds:
-        return self._items[idx]
-
-    def process(self, ids: TokenIds) -> tuple[list[int], int]:
-        return list(ids), ids.offset
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def child_mlx_lm(steps: int, workdir: Path, chat: bool, keep_cache: bool = False) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Fit `trmlx plan`'s activation, logits and prefill coefficients (trmlx.plan.CALIBRATION) to measured peaks.
 
 Tiny random Llamas of several shapes (trmlx.tiny, built offline) are trained for a few steps and then generate, on
-each installed backend, through trmlx bench's own worker (trmlx.bench_workers.worker_trmlx: the real load, train
+each installed backend, through trmlx bench's own worker (trmlx.bench.causal.worker_trmlx: the real load, train
 loop and batched generation); the peaks are MLX's mx.get_peak_memory() and, for torch, the allocator-level peak
 from the profiler's memory events. Everything in the plan that is arithmetic (weights, adapter, optimizer, KV
 cache) is subtracted; the remaining bytes are fitted, per backend, by non-negative least squares on the relative
@@ -75,7 +75,7 @@ def spec_for(backend: str, model_dir: Path, vocab: int, cfg: tuple, n_layers: in
 
 
 def measure(backends: list[str], work: Path) -> list[dict]:
-    from trmlx.bench_workers import worker_trmlx
+    from trmlx.bench.causal import worker_trmlx
     from trmlx.tiny import build_tiny_llama, shipped_texts
 
     texts = shipped_texts(REPO / "recipes" / "data" / "en_tr")

@@ -3,7 +3,7 @@
 plan_calibration.py's method for encoders: tiny random BERTs and an XLM-R (transformers' configs, saved offline
 with the packaged MiniLM's tokenizer) are trained for a few steps with MNRL — plain, with hard negatives, cached
 (embedding.mini_batch_size), checkpointed (torch), LoRA — and then encode, on each installed backend, through
-trmlx bench's own embedding worker (trmlx.bench_embedding.worker_trmlx). What the plan computes exactly (weights,
+trmlx bench's own embedding worker (trmlx.bench.embedding.worker_trmlx). What the plan computes exactly (weights,
 trainable parameters, gradients, optimizer, similarity matrix) is subtracted; the rest is fitted per backend by
 non-negative least squares on the relative error, and every configuration is re-planned with the fit.
 
@@ -48,7 +48,7 @@ def build_encoder(out: Path, name: str) -> Path:
     from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
     kind, h, layers, heads, inter = SHAPES[name]
-    # vocab 8192: the synthetic rows' words (bench_embedding.word_pool) have ids below 4400 in MiniLM's vocabulary,
+    # vocab 8192: the synthetic rows' words (bench.embedding.word_pool) have ids below 4400 in MiniLM's vocabulary,
     # and a small table keeps the weights from hiding the activations the fit is after
     common = {"vocab_size": 8192, "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
               "intermediate_size": inter, "pad_token_id": 0}
@@ -74,7 +74,7 @@ def spec_for(backend: str, model_dir: Path, cfg: tuple) -> dict:
 
 
 def measure(backends: list[str], work: Path, configs: list[tuple] = CONFIGS) -> list[dict]:
-    from trmlx.bench_embedding import worker_trmlx
+    from trmlx.bench.embedding import worker_trmlx
 
     rows = []
     for cfg in configs:
@@ -97,7 +97,7 @@ def measure(backends: list[str], work: Path, configs: list[tuple] = CONFIGS) -> 
 
 
 def plan_of(row: dict, coefficients: dict | None = None):
-    from trmlx.bench_embedding import plan_settings
+    from trmlx.bench.embedding import plan_settings
     from trmlx.plan import make_target
     from trmlx.plan_embedding import EncoderShape, plan_memory
     from trmlx.recipe import load_recipe

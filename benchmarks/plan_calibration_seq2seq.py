@@ -2,7 +2,7 @@
 of plan_calibration.py, with the same method.
 
 Tiny random mT5s of several shapes (trmlx.tiny_t5, built offline) train a few steps and then generate, on each
-installed backend, through trmlx bench's own seq2seq worker (trmlx.bench_seq2seq.worker_trmlx: the real load, train
+installed backend, through trmlx bench's own seq2seq worker (trmlx.bench.seq2seq.worker_trmlx: the real load, train
 loop and batched generation; MLX's mx.get_peak_memory(), torch's allocator-level peak from the profiler). The
 arithmetic terms are subtracted and the rest is fitted per backend by non-negative least squares on the relative
 error (as plan_calibration.py); every configuration is then re-planned and its error printed.
@@ -57,7 +57,7 @@ def spec_for(backend: str, model_dir: Path, config: dict, cfg: tuple) -> dict:
 
 
 def measure(backends: list[str], work: Path) -> list[dict]:
-    from trmlx.bench_seq2seq import worker_trmlx
+    from trmlx.bench.seq2seq import worker_trmlx
     from trmlx.tiny_t5 import DEFAULT_DATA, build_tiny_t5, shipped_texts
 
     texts = shipped_texts([REPO / d for d in DEFAULT_DATA])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -24,6 +28,22 @@ def test_wheel_imports_backends_under_trmlx(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert all(line.startswith(str(tmp_path / "site")) for line in out.stdout.split())
+    # `trmlx bench` needs nothing from the checkout: run from the installed wheel in another folder, it measures
+    # and writes its result there (the worker processes import the installed package too).
+    pytest.importorskip("mlx.core")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    bench = subprocess.run([sys.executable, "-m", "trmlx", "bench", str(REPO / "recipes" / "quickstart.toml"),
+                            "--backends", "mlx", "--no-peers", "--steps", "1", "--trials", "1", "--warmup", "1",
+                            "--seq-len", "32", "--batch-size", "2", "--max-new-tokens", "2", "--json"],
+                           capture_output=True, text=True, cwd=work,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    files = json.loads(bench.stdout)["files"]
+    assert sorted(Path(f).name for f in files) == ["bench-quickstart-cpu.json", "bench-quickstart-cpu.png"]
+    assert all(Path(f).parent == work for f in files)
+    config = json.loads(Path(files[0]).read_text())["configs"][0]
+    assert "error" not in config["trmlx"] and config["trmlx"]["trained_tokens_per_second"]["median"] > 0
 
 
 def test_ci_runs_the_readme_test_command():

@@ -65,7 +65,7 @@ def test_weight_term_equals_the_loaded_mlx_model():
 def test_prediction_within_20_percent_of_measured_peak(tmp_path, backend, shape, batch, seq_len, ckpt, bits):
     """bench's own worker (real load, train loop and batched generation) against plan, training and eval peaks."""
     pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
-    from trmlx.bench_workers import worker_trmlx
+    from trmlx.bench.causal import worker_trmlx
     from trmlx.tiny import build_tiny_llama, shipped_texts
 
     model = TINY if not shape else build_tiny_llama(tmp_path / "model", shipped_texts(REPO / "recipes" / "data" /

@@ -69,7 +69,7 @@ def test_prediction_within_20_percent_of_measured_peak(encoders, backend, config
     pytest.importorskip("mlx.core" if backend == "mlx" else "sentence_transformers")
     from plan_calibration_embedding import plan_of, spec_for
 
-    from trmlx.bench_embedding import worker_trmlx
+    from trmlx.bench.embedding import worker_trmlx
 
     spec = spec_for(backend, encoders[config[0]], config)
     if backend == "cuda":  # memory, not speed: one thread keeps a busy 2-core machine from stalling torch's pool

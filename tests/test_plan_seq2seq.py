@@ -71,7 +71,7 @@ def test_weight_term_equals_the_loaded_mlx_model():
 def test_prediction_within_20_percent_of_measured_peak(tmp_path, backend, shape, batch, source, target, ckpt, bits):
     """bench's own seq2seq worker (real load, train loop, batched generation) against plan, train and eval peaks."""
     pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
-    from trmlx.bench_seq2seq import plan_settings, worker_trmlx
+    from trmlx.bench.seq2seq import plan_settings, worker_trmlx
     from trmlx.tiny_t5 import DEFAULT_DATA, build_tiny_t5, shipped_texts
 
     model = TINY if not shape else build_tiny_t5(tmp_path / "model", shipped_texts([REPO / d for d in DEFAULT_DATA]),

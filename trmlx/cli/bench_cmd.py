@@ -35,14 +35,15 @@ def _numbers(values: tuple[str, ...], flag: str) -> list[int]:
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Also run mlx_lm.lora (MLX) and a Trainer + peft + bitsandbytes script (CUDA) where installed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the JSON and PNG (default benchmarks/results).")
+              help="Folder for the JSON and PNG (default: the current folder).")
 @set_option
 @json_option
 def bench(recipe: str, backends: str | None, steps: int, trials: int, warmup: int, seq_len: tuple[str, ...],
           batch_size: tuple[str, ...], grad_accum: int, max_new_tokens: int | None, model_shape: str | None,
           peers: bool, out: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Measure training tokens/s, step time, MFU, peak memory and eval-generation tokens/s of RECIPE's shape."""
-    from trmlx.bench import run_bench, table
+    from trmlx.bench.report import table
+    from trmlx.bench.run import run_bench
 
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     result = run_bench(recipe, backends=chosen, steps=steps, trials=trials, warmup=warmup,

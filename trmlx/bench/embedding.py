@@ -17,7 +17,7 @@ the blocks' linear weights (embedding lookups are no matmuls), plus the attentio
 4·T·h per token per layer forward, × the same 3 or 2); cached MNRL's extra forward pass is not counted (as
 checkpointing's recompute is not).
 
-    python -m trmlx.bench_workers trmlx.bench_embedding:NAME SPEC.json RESULT.json
+    python -m trmlx.bench.harness trmlx.bench.embedding:NAME SPEC.json RESULT.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trmlx.bench_workers import Probe, bench_overrides, max_rss, measure_matmul, profiled_peak
+from trmlx.bench.causal import _trainable_parameters, bench_overrides
+from trmlx.bench.harness import Probe, max_rss, measure_matmul, profiled_peak, trial_times
 
 ROWS = ("synthetic (query, positive, num_negatives hard negatives): exactly query_len / passage_len (= --seq-len) "
         "tokens per text, all trained")
@@ -99,8 +100,7 @@ def _shape(spec: dict[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------------------ workers
 
 def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
-    """trmlx's embed load + train_loop on the synthetic rows, then timed encoding (bench_workers' raw format)."""
-    from trmlx.bench_workers import _trainable_parameters, _trial_times
+    """trmlx's embed load + train_loop on the synthetic rows, then timed encoding (the workers' raw format)."""
     from trmlx.embedding import EmbeddingExample, embed_module
     from trmlx.recipe import load_recipe
 
@@ -152,7 +152,7 @@ def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     shape = _shape(spec)
     per_step = spec["batch_size"] * spec["grad_accum"] * (spec["query_len"]
                                                           + (1 + spec["num_negatives"]) * spec["passage_len"])
-    return {"step_seconds": step_seconds, "trial_seconds": _trial_times(step_seconds, spec), "losses": losses,
+    return {"step_seconds": step_seconds, "trial_seconds": trial_times(step_seconds, spec), "losses": losses,
             "load_seconds": load_s, "load_peak_memory_gb": None, "model_memory_gb": (model_bytes - baseline) / 1e9,
             "baseline_memory_gb": baseline / 1e9, "forward_positions_per_step": per_step,
             "trained_tokens_per_step": per_step, "flops_per_step": step_flops(spec, shape, recipe.peft.method == "full"),
@@ -179,12 +179,11 @@ def worker_sentence_transformers(spec: dict[str, Any]) -> dict[str, Any]:
 
     from trmlx.backends.cuda.device import cpu_math
     from trmlx.backends.cuda.embed import st_modules
-    from trmlx.bench_workers import _trial_times
     from trmlx.recipe import load_recipe
 
     recipe = load_recipe(spec["recipe"], embed_overrides(spec), backend="cuda")
     probe = Probe("cuda")
-    cpu_math()  # the same denormal flushing trmlx's torch backend sets (bench_workers: LR warm-up on a CPU)
+    cpu_math()  # the same denormal flushing trmlx's torch backend sets (LR warm-up on a CPU)
     start = time.perf_counter()
     model = SentenceTransformer(spec["model_dir"], device="cuda" if probe.gpu else "cpu")
     model.max_seq_length = spec["passage_len"]  # queries are exactly query_len tokens: never truncated
@@ -232,7 +231,7 @@ def worker_sentence_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     peak = max(peaks) if peaks else probe.peak()
     per_step = spec["batch_size"] * spec["grad_accum"] * (spec["query_len"]
                                                           + (1 + spec["num_negatives"]) * spec["passage_len"])
-    return {"step_seconds": step_seconds, "trial_seconds": _trial_times(step_seconds, spec),
+    return {"step_seconds": step_seconds, "trial_seconds": trial_times(step_seconds, spec),
             "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r], "load_seconds": load_s,
             "load_peak_memory_gb": None, "model_memory_gb": None, "forward_positions_per_step": per_step,
             "trained_tokens_per_step": per_step,

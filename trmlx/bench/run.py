@@ -2,7 +2,7 @@
 next to the tools people use today (mlx_lm.lora on MLX, a transformers Trainer + peft + bitsandbytes script on
 CUDA) measured in the same run, and next to `trmlx plan`'s prediction for the same configuration.
 
-Per (backend, seq_len, batch size) one fresh process per side (trmlx.bench_workers): warm-up steps, then --trials
+Per (backend, seq_len, batch size) one fresh process per side (trmlx.bench.harness): warm-up steps, then --trials
 trials of --steps timed steps with the device synchronised before every clock read; the median trial and the
 min-max spread are reported. Training tokens/s counts the trained (target) tokens, the second half of each
 synthetic row; MFU = 4·N·(all tokens/s) / the device's dense matmul rate, measured here too (N = every base
@@ -10,7 +10,7 @@ parameter; all tokens, because the backward pass runs through every position; ch
 counted). Ratios trmlx / peer come from the same run on the same machine.
 
 Results: a table on the terminal, and JSON (package versions, git hash, device, recipe hash) plus a PNG chart in
-benchmarks/results/ (or --out), named bench-<recipe>-<device>.
+the current folder (or --out), named bench-<recipe>-<device>.
 """
 
 from __future__ import annotations
@@ -20,28 +20,17 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from trmlx.bench_workers import REPO, benchmark_module
+from trmlx.bench.harness import run_worker, scaled, slug, spread, summarise
+from trmlx.bench.report import plot
 from trmlx.errors import UserError
 from trmlx.model_shape import PRESETS, ModelShape, load_shape
 from trmlx.plan import GB, make_target, plan_recipe
 
-RESULTS = REPO / "benchmarks" / "results"
-# Per task, the module that knows its synthetic rows, workers, peers and plan settings. Each has:
-#   ROWS          one line: what the synthetic rows are and which tokens are trained
-#   WORKERS       name -> worker(spec) -> raw dict (cuda_qlora's raw format; optional "trained_tokens_per_step",
-#                 "flops_per_step" and "generation" {"tokens" | "texts", "seconds", "peak_memory_gb", ...})
-#   PEERS         backend -> the peer's worker name (absent: no peer tool exists for that backend)
-#   PEER_NEEDS    peer name -> the modules it imports
-#   spec_fields(recipe, shape, seq_len) -> extra spec keys;  plan_settings(spec) -> plan_recipe keywords
-BENCH_TASKS = {"causal": "trmlx.bench_workers", "seq2seq": "trmlx.bench_seq2seq",
-               "embedding": "trmlx.bench_embedding"}
 BACKEND_NEEDS = {"mlx": ("mlx", "mlx_lm"), "cuda": ("torch", "transformers", "peft")}
 GPU_PARAMETERS = 1e9  # a model this big on a CPU would take hours per step: refuse it
 
@@ -120,7 +109,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
                     spec["measure_matmul"] = backend not in matmul
                     label = f"{backend}-s{seq_len}-b{batch}"
                     log(f"running trmlx {label}")
-                    raw = _run_worker(f"{task.__name__}:trmlx", spec, work, f"trmlx-{label}")
+                    raw = run_worker(f"{task.__name__}:trmlx", spec, work, f"trmlx-{label}")
                     if raw.get("matmul"):
                         matmul[backend] = raw["matmul"]
                         peak_flops[backend] = raw["matmul"]["peak_flops"]
@@ -130,8 +119,8 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
                         record["plan"] = _plan_check(recipe, backend, shape, raw, task.plan_settings(spec))
                     if peer:
                         log(f"running {peer} {label}")
-                        peer_raw = (_run_hf(spec, work, f"hf-{label}") if (first.task, peer) == ("causal", "hf")
-                                    else _run_worker(f"{task.__name__}:{peer}", spec, work, f"{peer}-{label}"))
+                        module = "trmlx.bench.hf_causal" if (first.task, peer) == ("causal", "hf") else task.__name__
+                        peer_raw = run_worker(f"{module}:{peer}", spec, work, f"{peer}-{label}")
                         record[peer] = _summary(peer_raw, spec, shape, peak_flops.get(backend))
                         record["ratios"] = _ratios(record["trmlx"], record[peer], raw.get("device_kind"))
                     configs.append(record)
@@ -141,14 +130,14 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
     _device_mfu(configs, peak_flops)
     devices = {b: _device(b) for b in backends}
     device_name = "+".join(dict.fromkeys(str(d.get("name", "?")) for d in devices.values()))
-    slug = benchmark_module("cuda_qlora").slug(device_name)
+    device_slug = slug(device_name)
     name = first.name or Path(recipe_path).stem
     result = {
         "benchmark": "trmlx bench", "recipe": str(recipe_path), "recipe_name": name, "task": first.task,
         "recipe_sha256": {b: hashlib.sha256(recipe_to_toml(r).encode()).hexdigest()[:16] for b, r in recipes.items()},
         "overrides": list(overrides), "model": shape.describe(),
         "model_source": f"--model-shape {model_shape} (random weights)" if model_shape else
-        first.model.path.removeprefix(str(REPO) + "/"),
+        first.model.path.removeprefix(str(Path.cwd()) + "/"),
         "settings": {"steps_per_trial": steps, "trials": trials, "warmup_steps": warmup, "grad_accum": grad_accum,
                      "rows": task.ROWS, "seed": seed,
                      "mfu": "4·N·all tokens/s over the device's matmul rate = the best rate measured by any backend "
@@ -158,8 +147,8 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         "load_average": {"1min": os.getloadavg()[0], "cpus": os.cpu_count()},
         "environment": environment_record(backend=",".join(backends), device=devices),
     }
-    out = Path(out) if out else RESULTS
-    path = out / f"bench-{_slug(name)}-{slug}.json"
+    out = Path(out) if out else Path.cwd()
+    path = out / f"bench-{slug(name)}-{device_slug}.json"
     atomic_write(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     plot(result, path.with_suffix(".png"))
     result["files"] = [str(path), str(path.with_suffix(".png"))]
@@ -169,14 +158,19 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
 # --------------------------------------------------------------------------------------------------- the model
 
 def bench_task(task: str) -> Any:
-    """The bench module of a task (BENCH_TASKS); a clear error for a task bench does not cover yet."""
-    import importlib
+    """The bench module of a task. Each has:
+      ROWS          one line: what the synthetic rows are and which tokens are trained
+      WORKERS       name -> worker(spec) -> raw dict (harness.summarise's input; optional "trained_tokens_per_step",
+                    "flops_per_step" and "generation" {"tokens" | "texts", "seconds", "peak_memory_gb", ...})
+      PEERS         backend -> the peer's worker name (absent: no peer tool exists for that backend)
+      PEER_NEEDS    peer name -> the modules it imports
+      spec_fields(recipe, shape, seq_len) -> extra spec keys;  plan_settings(spec) -> plan_recipe keywords"""
+    from trmlx.bench import causal, embedding, seq2seq
 
-    try:
-        return importlib.import_module(BENCH_TASKS[task])
-    except (KeyError, ModuleNotFoundError):
-        covered = [t for t, m in BENCH_TASKS.items() if importlib.util.find_spec(m) is not None]
-        raise UserError(f"task: bench measures {', '.join(covered)} recipes, not {task}") from None
+    tasks = {"causal": causal, "seq2seq": seq2seq, "embedding": embedding}
+    if task not in tasks:
+        raise UserError(f"task: bench measures {', '.join(tasks)} recipes, not {task}")
+    return tasks[task]
 
 
 def _shape_config(model_shape: str) -> dict[str, Any]:
@@ -194,16 +188,23 @@ def model_folder(recipe: Any) -> Path:
     return Path(load_shape(recipe).source).parent  # the cached snapshot; a clear error when not cached
 
 
+# A tokenizer for random-weight models: bench trains on synthetic token ids, so its texts only need to cover
+# Turkish and English bytes (pangrams), and they ship in the package.
+TOKENIZER_TEXTS = ("Pijamalı hasta yağız şoföre çabucak güvendi.", "Fahiş bluz güvencesi yağmurdan ötürü çok.",
+                   "The quick brown fox jumps over the lazy dog.", "Sphinx of black quartz, judge my vow.",
+                   "İstanbul'da ılık bir sabah: öğrenciler çay içip sınava çalıştı.", "0123456789 %&/()=?!.,;:")
+
+
 def build_random_model(out: Path, config: dict[str, Any], seed: int = 0) -> None:
     """config.json, random weights (transformers from_config, on the GPU when there is one) and a small tokenizer
-    trained on the shipped en_tr text; never downloads."""
+    trained on a few pangrams; never downloads."""
     if not installed(("torch", "transformers")):
         raise UserError("--model-shape builds its random model with torch + transformers (pip install "
                         "'trmlx[cuda]'); or bench a model folder you have")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trmlx.tiny import llama_config, save_tokenizer, shipped_texts, train_tokenizer
+    from trmlx.tiny import llama_config, save_tokenizer, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     if config.get("model_type", "llama") == "llama":  # spelled out like trmlx.tiny (special-token ids included)
@@ -223,7 +224,7 @@ def build_random_model(out: Path, config: dict[str, Any], seed: int = 0) -> None
     del model
     (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **full},
                                                 indent=2) + "\n")
-    tokenizer = train_tokenizer(shipped_texts(REPO / "recipes" / "data" / "en_tr"),
+    tokenizer = train_tokenizer(list(TOKENIZER_TEXTS),
                                 vocab_size=min(1024, full["vocab_size"]))
     tokenizer.model_max_length = full.get("max_position_embeddings", 2048)
     save_tokenizer(tokenizer, out)
@@ -246,51 +247,26 @@ def _spec(recipe_path: str, overrides: Sequence[str], backend: str, recipe: Any,
             "max_new_tokens": max_new_tokens or recipe.eval.max_new_tokens}
 
 
-def _run_worker(name: str, spec: dict[str, Any], work: Path, label: str) -> dict[str, Any]:
-    return _subprocess([sys.executable, "-m", "trmlx.bench_workers", name], spec, work, label)
-
-
-def _run_hf(spec: dict[str, Any], work: Path, label: str) -> dict[str, Any]:
-    """benchmarks/cuda_qlora.py's own worker runner (it runs `cuda_qlora.py --worker hf`)."""
-    return benchmark_module("cuda_qlora").run_worker("hf", spec, work, label)
-
-
-def _subprocess(command: list[str], spec: dict[str, Any], work: Path, label: str) -> dict[str, Any]:
-    spec_path, result_path, log_path = (work / f"{label}.{s}" for s in ("spec.json", "result.json", "log"))
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("CUDA_VISIBLE_DEVICES", "0")
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run([*command, str(spec_path), str(result_path)], stdout=log, stderr=subprocess.STDOUT,
-                              env=env, cwd=REPO)
-    if proc.returncode == 0 and result_path.is_file():
-        return {**json.loads(result_path.read_text()), "process_seconds": round(time.perf_counter() - start, 2)}
-    lines = log_path.read_text(errors="replace").strip().splitlines()
-    print(f"  {label}: failed (exit {proc.returncode}):\n    " + "\n    ".join(lines[-12:]), file=sys.stderr)
-    return {"error": (lines[-1] if lines else f"exit code {proc.returncode}")[:300]}
-
 
 def _summary(raw: dict[str, Any], spec: dict[str, Any], shape: ModelShape, peak_flops: float | None) -> dict:
     if "error" in raw:
         return raw
-    cq = benchmark_module("cuda_qlora")
-    out = cq.summarise(raw, spec, shape.parameters(), peak_flops or float("nan"))
+    out = summarise(raw, spec, shape.parameters(), peak_flops or float("nan"))
     if "trained_tokens_per_step" in raw:  # tasks other than causal count their own trained tokens and FLOPs
         out["trained_tokens_per_step"] = raw["trained_tokens_per_step"]
-        out["trained_tokens_per_second"] = cq.spread([raw["trained_tokens_per_step"] * spec["steps"] / s
+        out["trained_tokens_per_second"] = spread([raw["trained_tokens_per_step"] * spec["steps"] / s
                                                       for s in raw["trial_seconds"]])
     if "flops_per_step" in raw:
-        flops = cq.spread([raw["flops_per_step"] * spec["steps"] / s for s in raw["trial_seconds"]])
-        out["mfu"] = out["hfu"] = cq.scaled(flops, 1 / (peak_flops or float("nan")))
-    # cuda_qlora's HF worker has only the process RSS on a CPU, and reports it as its peak there
+        flops = spread([raw["flops_per_step"] * spec["steps"] / s for s in raw["trial_seconds"]])
+        out["mfu"] = out["hfu"] = scaled(flops, 1 / (peak_flops or float("nan")))
+    # The HF peer has only the process RSS on a CPU, and reports it as its peak there
     cpu_rss = str(raw.get("memory_kind", "")).startswith("peak resident")
     out["rss_peak_gb"] = raw.get("rss_peak_gb") or (raw["peak_memory_gb"] if cpu_rss else None)
     gen = raw.get("generation")
     if gen:
         # "tokens_per_second" of eval generation, or texts encoded per second for embedding recipes
         count = gen["tokens"][0] if "tokens" in gen else gen["texts"][0]
-        out["generation"] = {**gen, "tokens_per_second": cq.spread([count / s for s in gen["seconds"]])}
+        out["generation"] = {**gen, "tokens_per_second": spread([count / s for s in gen["seconds"]])}
     return out
 
 
@@ -323,7 +299,6 @@ def _device_mfu(configs: list[dict[str, Any]], peak_flops: dict[str, float]) -> 
     if not peak_flops:
         return
     device_rate = max(peak_flops.values())
-    scaled = benchmark_module("cuda_qlora").scaled
     for c in configs:
         own = peak_flops.get(c["backend"])
         for side in ("trmlx", c.get("peer")):
@@ -337,93 +312,3 @@ def _device_mfu(configs: list[dict[str, Any]], peak_flops: dict[str, float]) -> 
 def _device(backend: str) -> dict[str, Any]:
     module = "trmlx.backends.mlx.device" if backend == "mlx" else "trmlx.backends.cuda.device"
     return __import__(module, fromlist=["describe_device"]).describe_device()
-
-
-def _slug(text: str) -> str:
-    return benchmark_module("cuda_qlora").slug(text)
-
-
-# -------------------------------------------------------------------------------------------------- presentation
-
-def eval_unit(result: dict[str, Any]) -> str:
-    """What the eval-throughput column counts: texts encoded (embedding recipes) or generated tokens."""
-    return "texts/s" if result.get("task") == "embedding" else "gen tok/s"
-
-
-def table(result: dict[str, Any]) -> str:
-    head = (f"{'backend':7} {'seq':>5} {'bs':>3} | {'side':7} | {'train tok/s (min-max)':>24} | {'step s':>7} | "
-            f"{'MFU':>6} | {'peak MB':>8} | {'plan MB':>8} {'err':>6} | {'RSS MB':>7} | {eval_unit(result):>9} | "
-            "ratio vs peer (speed, memory)")
-    lines = [head, "-" * len(head)]
-    for c in result["configs"]:
-        for side in ["trmlx", *([c["peer"]] if c.get("peer") in c else [])]:
-            r = c[side]
-            where = f"{c['backend']:7} {c['seq_len']:>5} {c['batch_size']:>3} | {side:7} |"
-            if "error" in r:
-                lines.append(f"{where} failed: {r['error'][:80]}")
-                continue
-            t = r["trained_tokens_per_second"]
-            plan = c.get("plan", {}) if side == "trmlx" else {}
-            gen = r.get("generation", {}).get("tokens_per_second", {}).get("median")
-            ratio = c.get("ratios", {}) if side == "trmlx" else {}
-            lines.append(
-                f"{where} {t['median']:>9.1f} ({t['min']:>6.1f}-{t['max']:>6.1f}) | "
-                f"{r['step_seconds']['median']:>7.3f} | {100 * r['mfu']['median']:>5.2f}% | "
-                + (f"{'(RSS)':>8} | " if r["memory_kind"].startswith("peak resident") else
-                   f"{r['peak_memory_gb'] * 1000:>8.2f} | ")
-                + (f"{plan['train_predicted_gb'] * 1000:>8.2f} {plan['train_error_pct']:>+5.1f}%" if plan else
-                   f"{'':>15}")
-                + f" | {(r.get('rss_peak_gb') or 0) * 1000:>7.0f} | "
-                + (f"{gen:>9.1f} | " if gen is not None else f"{'-':>9} | ")
-                + (f"{ratio['speed']}x, {ratio['memory']}x ({ratio['memory_basis'].removesuffix('_gb')})"
-                   if ratio else ""))
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = result["configs"]
-    labels = [f"{c['backend']}\nseq {c['seq_len']} bs {c['batch_size']}" for c in configs]
-    sides = list(dict.fromkeys(["trmlx", *(c["peer"] for c in configs if c.get("peer"))]))
-    palette = ["#2c3e50", "#ff7f0e", "#16a085", "#8e44ad"]
-    colours = {"trmlx": "#c0392b", **{s: palette[i % len(palette)] for i, s in enumerate(sides[1:])}}
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 2.2 * len(configs) + 6), 4.4))
-    width = 0.38
-    for k, side in enumerate(sides):
-        xs = [i + (k - 0.5) * width if side == "trmlx" else i + width / 2 for i in range(len(configs))]
-        rows = [(x, c[side]) for x, c in zip(xs, configs) if side in c and "error" not in c[side]]
-        if not rows:
-            continue
-        med = [r["trained_tokens_per_second"]["median"] for _, r in rows]
-        err = [[m - r["trained_tokens_per_second"]["min"] for m, (_, r) in zip(med, rows)],
-               [r["trained_tokens_per_second"]["max"] - m for m, (_, r) in zip(med, rows)]]
-        axes[0].bar([x for x, _ in rows], med, width, yerr=err, capsize=3, color=colours[side], label=side)
-        counted = [(x, r) for x, r in rows if not r["memory_kind"].startswith("peak resident")]  # RSS: not comparable
-        if counted:
-            axes[1].bar([x for x, _ in counted], [r["peak_memory_gb"] * 1000 for _, r in counted], width,
-                        color=colours[side], label=f"{side} measured")
-    plan_rows = [(i, c["plan"]) for i, c in enumerate(configs) if "plan" in c]
-    axes[1].scatter([i - width / 2 for i, _ in plan_rows], [p["train_predicted_gb"] * 1000 for _, p in plan_rows],
-                    marker="D", color="#f1c40f", edgecolors="black", zorder=3, label="trmlx plan")
-    gens = [(i, c["trmlx"]["generation"]["tokens_per_second"]["median"]) for i, c in enumerate(configs)
-            if "generation" in c["trmlx"]]
-    axes[2].bar([i for i, _ in gens], [g for _, g in gens], 0.5, color=colours["trmlx"])
-    titles = ("trained tokens/s (median, min-max)", "training peak memory (MB; allocator counters, no RSS)",
-              "trmlx eval encoding texts/s (batched)" if result.get("task") == "embedding"
-              else "trmlx eval generation tokens/s (batched)")
-    for ax, title in zip(axes, titles):
-        ax.set_xticks(range(len(configs)), labels, fontsize=7)
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    devices = ", ".join(f"{b}: {d.get('name')}" for b, d in result["devices"].items())
-    fig.suptitle(f"trmlx bench {result['recipe_name']} — {result['model_source']} — {devices}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

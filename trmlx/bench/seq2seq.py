@@ -1,8 +1,8 @@
 """`trmlx bench` for seq2seq (T5 / mT5) recipes: the task interface bench.py documents (ROWS, WORKERS, PEERS,
-PEER_NEEDS, spec_fields, plan_settings) and its workers, run as `python -m trmlx.bench_workers
-trmlx.bench_seq2seq:NAME SPEC RESULT`.
+PEER_NEEDS, spec_fields, plan_settings) and its workers, run as `python -m trmlx.bench.harness
+trmlx.bench.seq2seq:NAME SPEC RESULT`.
 
-  trmlx   bench_workers.worker_trmlx (the real backend.load, backend.train and batched eval generation, the same
+  trmlx   causal.worker_trmlx (the real backend.load, backend.train and batched eval generation, the same
           clocks and peak counters) on synthetic rows: source = seq_len tokens, target = target_len tokens
   hf      the CUDA peer: a plain transformers Trainer + peft LoRA (+ bitsandbytes and prepare_model_for_kbit_training
           when model.quantize_bits) on AutoModelForSeq2SeqLM, the same rows, LoRA targets, layers and batch
@@ -19,12 +19,12 @@ encoder output); embeddings lookups, attention scores and checkpointing's recomp
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from trmlx import bench_workers
+from trmlx.bench import causal
+from trmlx.bench.harness import memory_now, native_bf16, trial_times
 
 ROWS = "synthetic: source = seq_len tokens, target = data.max_target_length tokens; loss on every target token"
 
@@ -64,7 +64,7 @@ def step_counts(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     spec = {**spec, "overrides": [*spec["overrides"], f"data.max_target_length={spec['target_len']}"]}
-    raw = bench_workers.worker_trmlx(spec, synthetic_examples(spec))
+    raw = causal.worker_trmlx(spec, synthetic_examples(spec))
     return {**raw, **step_counts(spec)}
 
 
@@ -73,16 +73,16 @@ def worker_hf(spec: dict[str, Any]) -> dict[str, Any]:
     CPU, as its causal peer reports)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForSeq2SeqLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig
+
+    from trmlx.bench.hf_causal import trainer_run
 
     from trmlx.recipe import load_recipe
 
-    cq = bench_workers.benchmark_module("cuda_qlora")
     recipe = load_recipe(spec["recipe"], spec["overrides"], backend="cuda")
     peft, bits = recipe.peft, recipe.model.quantize_bits
     gpu = torch.cuda.is_available()
-    bf16 = gpu and cq.native_bf16()
+    bf16 = gpu and native_bf16()
     dtype = torch.bfloat16 if bf16 else (torch.float16 if gpu else torch.float32)
     ckpt = spec["grad_checkpoint"]
     start = time.perf_counter()
@@ -105,45 +105,14 @@ def worker_hf(spec: dict[str, Any]) -> dict[str, Any]:
         layers_to_transform=layers, layers_pattern="block" if layers else None, use_dora=peft.method == "dora",
         bias="none", task_type="SEQ_2_SEQ_LM"))
     load_s = time.perf_counter() - start
-    load_peak = cq._memory_now()
+    load_peak = memory_now()
 
     examples = synthetic_examples(spec)
     dataset = [{"input_ids": torch.tensor(e.input_ids), "attention_mask": torch.ones(len(e.input_ids),
                                                                                        dtype=torch.long),
                 "labels": torch.tensor(e.target_ids)} for e in examples]  # T5 shifts the labels right itself
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.step_seconds: list[float] = []
-            self.previous, self.before_train = 0.0, 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            self.before_train = cq._memory_now()["allocated_gb"]
-            self.previous = cq._clock()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = cq._clock()
-            self.step_seconds.append(now - self.previous)
-            self.previous = now
-
-    timer = StepTimer()
-    optim = {"adamw": "adamw_torch"}.get(recipe.train.optimizer, recipe.train.optimizer) if gpu else "adamw_torch"
-    with tempfile.TemporaryDirectory() as out_dir:
-        args = TrainingArguments(
-            output_dir=out_dir, per_device_train_batch_size=spec["batch_size"],
-            gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["total_steps"],
-            learning_rate=recipe.train.lr, lr_scheduler_type=recipe.train.schedule,
-            warmup_steps=spec["lr_warmup_steps"], weight_decay=recipe.train.weight_decay,
-            max_grad_norm=recipe.train.grad_clip, optim=optim, bf16=bf16, fp16=gpu and not bf16,
-            gradient_checkpointing=ckpt, logging_steps=1, save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=True, seed=recipe.train.seed, remove_unused_columns=False,
-            dataloader_num_workers=0, use_cpu=not gpu)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                          callbacks=[timer])
-        trainer.train()
-        peak = cq._peak_memory()
+    timer, trainer, optim, peak = trainer_run(model, dataset, recipe, spec, bf16=bf16, grad_checkpoint=ckpt)
     setup = {"dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "optimizer": optim,
              "grad_checkpoint": ckpt, "grad_accum": spec["grad_accum"],
              "quant": {4: "4-bit nf4 double_quant=True", 8: "8-bit int8"}.get(bits, "none"),
@@ -151,7 +120,7 @@ def worker_hf(spec: dict[str, Any]) -> dict[str, Any]:
              "lora": {"rank": peft.rank, "alpha": peft.alpha, "dropout": peft.dropout, "targets": spec["lora_keys"],
                       "layers": spec["lora_layers"]},
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    return {"step_seconds": timer.step_seconds, "trial_seconds": cq._trial_times(timer.step_seconds, spec),
+    return {"step_seconds": timer.step_seconds, "trial_seconds": trial_times(timer.step_seconds, spec),
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "load_seconds": load_s,
             "load_peak_memory_gb": load_peak["peak_allocated_gb"], "model_memory_gb": timer.before_train,
             "setup": setup, **peak, **step_counts(spec)}
