@@ -110,3 +110,21 @@ def test_env_reports_backends(cli):
     record = json.loads(cli("env", "--json").stdout)
     assert record["packages"]["trmlx"] and set(record["backends"]) == {"mlx", "cuda"}
     assert record["backends"]["mlx"].get("kind") == "cpu" or "error" in record["backends"]["mlx"]
+
+
+def test_a_recipe_saved_with_a_bom_loads(write):
+    from trmlx.recipe import load_recipe
+
+    recipe = write("bom.toml", '\ufeff[model]\npath = "m"\n[data]\ntrain = "t.jsonl"\n[train]\nlr = 0.01\n')
+    assert recipe.read_bytes().startswith(b"\xef\xbb\xbf")  # what Windows Notepad writes
+    assert load_recipe(recipe).train.lr == 0.01
+
+
+def test_memory_sizes_that_are_not_sizes_are_errors(cli, write):
+    recipe = write("r.toml", '[model]\npath = "m"\n[data]\ntrain = "t.jsonl"\n[train]\nmemory_budget = "banana"\n')
+    result = cli("recipe", "show", str(recipe))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {recipe}: train.memory_budget: expected a size like 16GB, 12.5GiB or "
+                                     "800MB, got 'banana'")
+    result = cli("plan", str(REPO / "recipes" / "quickstart.toml"), "--budget", "0GB")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --budget: expected a size above zero, got '0GB'"

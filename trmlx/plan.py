@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from trmlx.adapters import match_targets
 from trmlx.errors import UserError
 from trmlx.model_shape import PRESETS, ModelShape, load_shape  # noqa: F401  (re-exported: plan's inputs)
+from trmlx.recipe.checks import parse_size
 from trmlx.recipe.schema import Recipe
 
 GB = 1e9
@@ -352,16 +352,6 @@ def plan_recipe(recipe: Recipe, backend: str, shape: Any, target: Target, **sett
 
 
 # ------------------------------------------------------------------------------------------------ fit a budget
-
-def parse_size(text: str, key: str = "--budget") -> float:
-    """'16GB', '16 GiB', '500MB', '16' (GB) -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise UserError(f"{key}: expected a size like 16GB, 12.5GiB or 800MB, got {text!r}")
-    number, unit, binary = float(match.group(1)), match.group(2).upper() or "G", bool(match.group(3))
-    power = "KMGT".index(unit) + 1
-    return number * ((1024 if binary else 1000) ** power)
-
 
 def fit(recipe: Recipe, backend: str, shape: ModelShape, target: Target, budget: float) -> tuple[Plan, list[Plan]]:
     """The largest micro-batch that divides the effective batch and whose training peak fits, without

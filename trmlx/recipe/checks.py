@@ -14,7 +14,30 @@ _GATED_T5 = re.compile(r"(^|[/_-])(mt5|umt5|t5-v1_1|t5_v1_1|flan-t5|byt5)", re.I
 _MLX_MODES = {"affine": None, "mxfp4": 4, "nvfp4": 4, "mxfp8": 8}
 _CUDA_MODES = {"nf4": 4, "fp4": 4, "int8": 8}
 _KIND_FOR_TASK = {"causal": {"text", "lm"}, "seq2seq": {"text", "lm"}, "embedding": {"retrieval"}}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)  # 16GB, 12.5GiB, 800MB, 16
 PACKAGE_SCHEME = "package:"  # model.path = "package:NAME": a model folder shipped inside a pip package
+
+
+def size_problem(text: str) -> str | None:
+    """Why `text` is not a memory size like 16GB (None when it is one)."""
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        return f"expected a size like 16GB, 12.5GiB or 800MB, got {text!r}"
+    if float(match.group(1)) <= 0:
+        return f"expected a size above zero, got {text!r}"
+    return None
+
+
+def parse_size(text: str, key: str = "--budget") -> float:
+    """'16GB', '16 GiB', '500MB', '16' (GB) -> bytes; a UserError naming `key` otherwise."""
+    from trmlx.errors import UserError
+
+    problem = size_problem(text)
+    if problem:
+        raise UserError(f"{key}: {problem}")
+    match = _SIZE.fullmatch(str(text))
+    number, unit, binary = float(match.group(1)), match.group(2).upper() or "G", bool(match.group(3))
+    return number * ((1024 if binary else 1000) ** ("KMGT".index(unit) + 1))
 
 
 def is_local_path(value: str, base_dir: Path) -> bool:
@@ -81,6 +104,8 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
     elif sum(sources) > 1:
         problems.append(("data.train", "set only one of data.train, data.dataset and [[data.tasks]]"))
 
+    if train.memory_budget and (problem := size_problem(train.memory_budget)):
+        problems.append(("train.memory_budget", problem))
     if recipe.task == "embedding" and peft.method in ("prefix", "prompt"):
         problems.append(("peft.method", f"{peft.method} tuning does not apply to embedding models; "
                                         "use lora, dora or full"))

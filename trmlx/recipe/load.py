@@ -28,7 +28,7 @@ def load_recipe(path: str | Path, overrides: typing.Iterable[str] = (), backend:
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; syntax errors name the line and column."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # Windows Notepad starts files with a BOM
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
     except UnicodeDecodeError as err:
