@@ -79,3 +79,21 @@ def test_generation_defaults_are_the_schema_defaults_and_the_backend_list_is_one
     choices = {name: tuple(o.type.choices) for name, command in main.commands.items() for o in command.params
                if o.name == "backend"}
     assert len(choices) >= 7 and set(choices.values()) == {BACKEND_NAMES}, choices
+
+
+def test_loop_decisions_shared_by_every_backend():
+    from trmlx.errors import UserError
+    from trmlx.loop import Position, eval_report, require_examples, rewind, step_seed
+    from trmlx.recipe.schema import TrainConfig
+
+    with pytest.raises(UserError, match="^data.train: no training examples left after checks and truncation$"):
+        require_examples([])
+    assert step_seed(TrainConfig(seed=3), 7) == 3 * 1_000_003 + 7 != step_seed(TrainConfig(seed=3), 8)
+    interrupted = Position(step=4, epoch=1, cursor=9)  # Ctrl-C inside step 5, after two of its micro-batches
+    rewind(interrupted, 5, (1, 7))
+    assert (interrupted.epoch, interrupted.cursor) == (1, 7)
+    completed = Position(step=5, epoch=1, cursor=9)  # Ctrl-C after step 5's update: nothing to give back
+    rewind(completed, 5, (1, 7))
+    assert (completed.epoch, completed.cursor) == (1, 9)
+    report = eval_report(5, 1.5, 2.0, Position(step=5, trained_tokens=80, elapsed_seconds=3.0), 0.25)
+    assert (report.kind, report.trained_tokens, report.elapsed_seconds, report.task_losses) == ("eval", 80, 3.0, {})

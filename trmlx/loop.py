@@ -141,3 +141,32 @@ def diverged(loss: float, step: int, lr: float, last_checkpoint: Path | None) ->
     return UserError(f"train: loss became {loss} at step {step}; stopped without saving this step (last good "
                      f"checkpoint: {last_checkpoint or 'none'}). Try a lower train.lr (now {lr:g}), "
                      "train.grad_clip = 1.0, or model.dtype = \"fp32\"")
+
+
+# ------------------------------------------------------------------------ decisions every backend's loop makes
+
+def require_examples(train_set: Sequence) -> None:
+    """A clear error before any work when nothing is left to train on."""
+    if not train_set:
+        raise UserError("data.train: no training examples left after checks and truncation")
+
+
+def step_seed(cfg: TrainConfig, completed_steps: int) -> int:
+    """The dropout RNG seed of the next step: a function of (seed, step) only, so a resumed run draws exactly the
+    same masks as an uninterrupted one."""
+    return cfg.seed * 1_000_003 + completed_steps
+
+
+def rewind(position: Position, step: int, step_start: tuple[int, int]) -> None:
+    """Ctrl-C inside a step: give back the micro-batches it consumed, so the checkpoint holds the last complete
+    step (a step is complete once its update is applied and position.step set)."""
+    if position.step < step:
+        position.epoch, position.cursor = step_start
+
+
+def eval_report(step: int, epoch: float, loss: float, position: Position, peak_memory_gb: float,
+                task_losses: dict[str, float] | None = None) -> StepReport:
+    """The validation report, the same keys on every backend."""
+    return StepReport(step=step, epoch=epoch, loss=loss, kind="eval", task_losses=task_losses or {},
+                      trained_tokens=position.trained_tokens, peak_memory_gb=peak_memory_gb,
+                      elapsed_seconds=position.elapsed_seconds)

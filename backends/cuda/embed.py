@@ -24,7 +24,7 @@ import torch
 from trmlx.embedding import EmbeddingExample, QueryWindow, UniqueBatchCursor, max_lengths, model_path, steps_for
 from trmlx.embedding import unique_text_batches
 from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.loop import Checkpoints, Position, Schedule, diverged
+from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
@@ -217,8 +217,7 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
     from trmlx.backends.cuda.train import make_optimizer, restore_state, save_state
 
     cfg, st = recipe.train, model.model
-    if not train_set:
-        raise UserError("data.train: no training examples")
+    require_examples(train_set)
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
     steps = steps_for(train_set, recipe)
     schedule = Schedule(cfg, steps)
@@ -239,7 +238,7 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
         while position.step < steps:
             step_start = (position.epoch, position.cursor)
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
-            torch.manual_seed(cfg.seed * 1_000_003 + position.step)  # dropout masks depend on (seed, step) only
+            torch.manual_seed(step_seed(cfg, position.step))
             micro = [[train_set[i] for i in batches.next()] for _ in range(cfg.grad_accum)]
             total = sum(len(m) for m in micro)
             loss_sum, tokens = 0.0, 0
@@ -265,16 +264,13 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
                 yield window.report(step, batches.epoch, lr, memory().peak / 1e9)
             if valid_set and schedule.validate(step):
                 loss = validation_loss(model, loss_fn, valid_set, recipe, cfg.max_eval_batches)
-                yield StepReport(step=step, epoch=batches.epoch, loss=loss, kind="eval",
-                                 trained_tokens=position.trained_tokens, peak_memory_gb=memory().peak / 1e9,
-                                 elapsed_seconds=position.elapsed_seconds)
+                yield eval_report(step, batches.epoch, loss, position, memory().peak / 1e9)
                 window.restart_clock()
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda f: save_state(f, st, optimizer, scaler))
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)
-        if position.step < step:
-            position.epoch, position.cursor = step_start
+        rewind(position, step, step_start)
         raise TrainingInterrupted(str(checkpoints.save(position, lambda f: save_state(f, st, optimizer, scaler))))
 
 

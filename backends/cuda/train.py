@@ -17,8 +17,9 @@ from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate
 from trmlx.distributed import is_main, world_size
 from trmlx.distributed import rank as distributed_rank
-from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, validate
+from trmlx.errors import TrainingInterrupted
+from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, eval_report,
+                        require_examples, rewind, step_seed, validate)
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir
@@ -93,8 +94,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
     decoder_start = loaded.handle.get("decoder_start_id")
-    if not train_set:
-        raise UserError("data.train: no training examples left after checks and truncation")
+    require_examples(train_set)
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
     lengths = [e.length for e in train_set]
     # A data-parallel step consumes world × grad_accum micro-batches.
@@ -118,7 +118,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
         while position.step < steps:
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
-            torch.manual_seed(cfg.seed * 1_000_003 + position.step)  # dropout masks depend on (seed, step) only
+            torch.manual_seed(step_seed(cfg, position.step))
             # All ranks walk the same order; this rank takes every world-th micro-batch of the step.
             step_batches = [batches.next() for _ in range(cfg.grad_accum * world)]
             micro = [collate([train_set[i] for i in b], pad, decoder_start) for b in step_batches[rank::world]]
@@ -148,16 +148,13 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             if valid_set and schedule.validate(step):
                 loss, per_task = validate(
                     lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches), valid_set)
-                yield StepReport(step=step, epoch=batches.epoch, loss=loss, kind="eval", task_losses=per_task,
-                                 trained_tokens=position.trained_tokens, peak_memory_gb=memory().peak / 1e9,
-                                 elapsed_seconds=position.elapsed_seconds)
+                yield eval_report(step, batches.epoch, loss, position, memory().peak / 1e9, per_task)
                 window.restart_clock()
             if schedule.save(step):
                 last_checkpoint = save(checkpoints, position, model, optimizer, scaler)
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; the last full step is kept
-        if position.step < step:
-            position.epoch, position.cursor = step_start
+        rewind(position, step, step_start)
         raise TrainingInterrupted(str(save(checkpoints, position, model, optimizer, scaler))) from None
 
 

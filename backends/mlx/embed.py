@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_map
 from trmlx.embedding import EmbeddingExample, QueryWindow, UniqueBatchCursor, max_lengths, model_path, steps_for
 from trmlx.embedding import unique_text_batches
 from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.loop import Checkpoints, Position, Schedule, diverged
+from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
 from trmlx.recipe.schema import PeftConfig, Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir, atomic_write
@@ -201,8 +201,7 @@ def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[Embedding
     from trmlx.backends.mlx.train import make_optimizer, restore_state, save_state
 
     cfg, chunk = recipe.train, recipe.embedding.mini_batch_size
-    if not train_set:
-        raise UserError("data.train: no training examples")
+    require_examples(train_set)
     net = model.encoder.model
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
     steps = steps_for(train_set, recipe)
@@ -221,7 +220,7 @@ def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[Embedding
         while position.step < steps:
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
-            seed = cfg.seed * 1_000_003 + position.step  # dropout masks depend on (seed, step) only: exact resume
+            seed = step_seed(cfg, position.step)
             mx.random.seed(seed)
             grads, loss_sum, queries, tokens = None, mx.array(0.0), 0, 0
             for micro in range(cfg.grad_accum):
@@ -247,15 +246,12 @@ def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[Embedding
                 yield window.report(step, batches.epoch, lr, mx.get_peak_memory() / 1e9)
             if valid_set and schedule.validate(step):
                 loss = validation_loss(model, valid_set, recipe, cfg.max_eval_batches)
-                yield StepReport(step=step, epoch=batches.epoch, loss=loss, kind="eval",
-                                 trained_tokens=position.trained_tokens, peak_memory_gb=mx.get_peak_memory() / 1e9,
-                                 elapsed_seconds=position.elapsed_seconds)
+                yield eval_report(step, batches.epoch, loss, position, mx.get_peak_memory() / 1e9)
                 window.restart_clock()
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda folder: save_state(folder, net, optimizer))
     except KeyboardInterrupt:
-        if position.step < step:
-            position.epoch, position.cursor = step_start
+        rewind(position, step, step_start)
         folder = checkpoints.save(position, lambda folder: save_state(folder, net, optimizer))
         raise TrainingInterrupted(str(folder)) from None
 

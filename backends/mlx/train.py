@@ -18,8 +18,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate
-from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.loop import BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, validate
+from trmlx.errors import TrainingInterrupted
+from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, eval_report,
+                        require_examples, rewind, step_seed, validate)
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir
@@ -69,8 +70,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
     decoder_start = loaded.handle.get("decoder_start_id")
-    if not train_set:
-        raise UserError("data.train: no training examples left after checks and truncation")
+    require_examples(train_set)
     checkpoints = Checkpoints(RunDir(Path(run_dir)))
     lengths = [e.length for e in train_set]
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
@@ -103,8 +103,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
         while position.step < steps:
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
-            # The dropout RNG is a function of (seed, step), so a resumed run draws exactly the same masks.
-            mx.random.seed(cfg.seed * 1_000_003 + position.step)
+            mx.random.seed(step_seed(cfg, position.step))
             grads, loss_sum, token_sum = None, mx.array(0.0), mx.array(0.0)
             for _ in range(cfg.grad_accum):
                 batch = collate([train_set[i] for i in batches.next()], pad, decoder_start)
@@ -127,16 +126,12 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             if valid_set and schedule.validate(step):
                 loss, per_task = validate(
                     lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches), valid_set)
-                yield StepReport(step=step, epoch=batches.epoch, loss=loss, kind="eval", task_losses=per_task,
-                                 trained_tokens=position.trained_tokens, peak_memory_gb=mx.get_peak_memory() / 1e9,
-                                 elapsed_seconds=position.elapsed_seconds)
+                yield eval_report(step, batches.epoch, loss, position, mx.get_peak_memory() / 1e9, per_task)
                 window.restart_clock()
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda folder: save_state(folder, model, optimizer))
     except KeyboardInterrupt:
-        # Save the last completed step: a step is complete once its update is evaluated and position.step set.
-        if position.step < step:
-            position.epoch, position.cursor = step_start
+        rewind(position, step, step_start)
         folder = checkpoints.save(position, lambda folder: save_state(folder, model, optimizer))
         raise TrainingInterrupted(str(folder)) from None
     finally:
