@@ -149,6 +149,8 @@ def test_bench_embedding_both_backends_with_the_peer(cli, encoders, tmp_path, mo
     saved = json.loads(files[0].read_text())
     assert saved["environment"]["packages"]["sentence-transformers"] and "git" in saved["environment"]
     assert set(saved["recipe_sha256"]) == {"mlx", "cuda"} and saved["model"]["model_type"] == "bert"
+    # sentence-transformers is the peer of both backends and runs the same job for both: measured once.
+    assert [c["sentence-transformers"].get("same_job_as") for c in saved["configs"]] == [None, "mlx"]
     for config in saved["configs"]:
         ours, theirs = config["trmlx"], config["sentence-transformers"]
         assert "error" not in ours and "error" not in theirs, (ours, theirs)

@@ -7,7 +7,8 @@
                          mini_batch_size is set) on the same rows, model, batch and lengths
 
 sentence-transformers is the tool people fine-tune retrieval encoders with today on a Kaggle GPU (CUDA) and on a
-Mac (torch on MPS): it is the peer for both backends. On a machine without a GPU both sides run on the CPU.
+Mac (torch on MPS): it is the peer for both backends, and one measurement per configuration serves both. On a
+machine without a GPU both sides run on the CPU.
 
 Rows: random texts of whole-word vocabulary tokens, exactly query_len tokens per query and passage_len per
 passage with the special tokens (no padding, no truncation on either side), every text distinct (so no in-batch

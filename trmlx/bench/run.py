@@ -91,6 +91,7 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
         else:
             model_dir = model_folder(first)
         configs = []
+        peer_runs: dict[str, tuple[str, dict[str, Any]]] = {}  # peer job -> (backend, raw)
         peak_flops: dict[str, float] = {}
         matmul: dict[str, Any] = {}
         work = temp / "work"
@@ -120,7 +121,15 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
                     if peer:
                         log(f"running {peer} {label}")
                         module = "trmlx.bench.hf_causal" if (first.task, peer) == ("causal", "hf") else task.__name__
-                        peer_raw = run_worker(f"{module}:{peer}", spec, work, f"{peer}-{label}")
+                        # A peer serving two backends (sentence-transformers) runs the same job for both: measure
+                        # it once per configuration and say so, rather than start the same process twice.
+                        job = json.dumps({"worker": f"{module}:{peer}", **{k: v for k, v in spec.items()
+                                          if k not in ("backend", "measure_matmul")}}, sort_keys=True)
+                        if job not in peer_runs:
+                            peer_runs[job] = (backend, run_worker(f"{module}:{peer}", spec, work, f"{peer}-{label}"))
+                        measured_on, peer_raw = peer_runs[job]
+                        if measured_on != backend:
+                            peer_raw = {**peer_raw, "same_job_as": measured_on}
                         record[peer] = _summary(peer_raw, spec, shape, peak_flops.get(backend))
                         record["ratios"] = _ratios(record["trmlx"], record[peer], raw.get("device_kind"))
                     configs.append(record)
@@ -252,6 +261,8 @@ def _summary(raw: dict[str, Any], spec: dict[str, Any], shape: ModelShape, peak_
     if "error" in raw:
         return raw
     out = summarise(raw, spec, shape.parameters(), peak_flops or float("nan"))
+    if "same_job_as" in raw:  # this peer measurement was taken once, in the named backend's configuration
+        out["same_job_as"] = raw["same_job_as"]
     if "trained_tokens_per_step" in raw:  # tasks other than causal count their own trained tokens and FLOPs
         out["trained_tokens_per_step"] = raw["trained_tokens_per_step"]
         out["trained_tokens_per_second"] = spread([raw["trained_tokens_per_step"] * spec["steps"] / s
