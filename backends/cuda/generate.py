@@ -29,8 +29,7 @@ def _generate_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> dict:
 
 
 def _seq2seq_prompt_tuned(model: torch.nn.Module) -> bool:
-    config = getattr(model, "peft_config", {}).get("default")
-    return model.config.is_encoder_decoder and str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
+    return model.config.is_encoder_decoder and virtual_tokens.peft_type(model) == "PROMPT_TUNING"
 
 
 @torch.no_grad()

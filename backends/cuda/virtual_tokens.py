@@ -26,13 +26,18 @@ import torch
 from trmlx.backend import GenerationSettings
 
 
+def peft_type(model: torch.nn.Module) -> str:
+    """The active peft adapter's type, e.g. 'PROMPT_TUNING'; '' for a model without one."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return str(getattr(config, "peft_type", "")).rpartition(".")[2]
+
+
 def is_prompt_learning(model: torch.nn.Module) -> bool:
     """A decoder-only peft model whose active adapter is prompt or prefix tuning (seq2seq keeps peft's generate:
     its virtual tokens go through the encoder, which the cache rename does not touch)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return False
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
-    return str(getattr(config, "peft_type", "")).endswith(("PROMPT_TUNING", "PREFIX_TUNING"))
+    return peft_type(model) in ("PROMPT_TUNING", "PREFIX_TUNING")
 
 
 def _cache_argument(base: torch.nn.Module) -> str:
@@ -51,7 +56,7 @@ def virtual_token_cache(model: torch.nn.Module, batch: int) -> tuple[Any, int]:
     n = int(config.num_virtual_tokens)
     weights = model.get_prompt_embedding_to_save(adapter).to(device)  # (n, hidden) or (n, layers*2*kv_dim)
     cache = DynamicCache()
-    if str(config.peft_type).endswith("PREFIX_TUNING"):
+    if peft_type(model) == "PREFIX_TUNING":
         layers, kv_heads = int(config.num_layers), int(config.num_attention_heads)
         head_dim = int(config.token_dim) // kv_heads
         # peft's layout: (n, layers*2, kv_heads, head_dim) → per layer key at 2l and value at 2l+1.

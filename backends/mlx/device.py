@@ -25,21 +25,18 @@ _SYSTEM_OPENBLAS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarc
 
 def _blas_candidates() -> list[tuple[str, str]]:
     """(source, library path) in the order tried."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
     chosen = os.environ.get(BLAS_ENV, "").strip()
     if chosen:
         return [] if chosen == "reference" else [(BLAS_ENV, chosen)]
-    found: list[tuple[str, str]] = []
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        path = distribution("cmeel-openblas").locate_file("cmeel.prefix/lib/libopenblas.so.0")
-        found.append(("cmeel-openblas", str(path)))
-    except (ImportError, PackageNotFoundError):
-        pass
-    system = ctypes.util.find_library("openblas")
-    found += [("system", p) for p in dict.fromkeys([system, *_SYSTEM_OPENBLAS]) if p and (os.path.isfile(p) or
-                                                                                          "/" not in p)]
-    return found
+    try:  # the Linux mlx extra installs it
+        wheel = distribution("cmeel-openblas").locate_file("cmeel.prefix/lib/libopenblas.so.0")
+        found = [("cmeel-openblas", str(wheel))]
+    except PackageNotFoundError:
+        found = []
+    system = [ctypes.util.find_library("openblas")] + [p for p in _SYSTEM_OPENBLAS if os.path.isfile(p)]
+    return found + [("system", p) for p in dict.fromkeys(system) if p]
 
 
 def _choose_blas() -> dict[str, Any]:
@@ -55,13 +52,11 @@ def _choose_blas() -> dict[str, Any]:
         except OSError as err:
             problems.append(f"{source} {path}: {str(err).replace(path + ': ', '')}")
             continue
-        info = {"blas": f"openblas ({source})", "blas_path": path}
-        try:
+        name = "openblas"
+        if hasattr(library, "openblas_get_config"):  # "OpenBLAS 0.3.31 DYNAMIC_ARCH ..." -> "OpenBLAS 0.3.31"
             library.openblas_get_config.restype = ctypes.c_char_p
-            info["blas"] = " ".join(library.openblas_get_config().decode().split()[:2]) + f" ({source})"
-        except (AttributeError, IndexError):
-            pass
-        return info
+            name = " ".join(library.openblas_get_config().decode().split()[:2])
+        return {"blas": f"{name} ({source})", "blas_path": path}
     info: dict[str, Any] = {"blas": "reference (netlib)"}
     if problems:
         info["blas_problems"] = "; ".join(problems)

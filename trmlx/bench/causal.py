@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from trmlx.bench.harness import (Probe, max_rss, measure_matmul, profiled_peak, synthetic_rows, timed_trials,
+from trmlx.bench.harness import (Probe, max_rss, measure_matmul, synthetic_rows, time_training, timed_trials,
                                  trial_times)
 
 # ------------------------------------------------------------------------------------------------------ workers
@@ -64,24 +64,9 @@ def worker_trmlx(spec: dict[str, Any], examples: list | None = None) -> dict[str
     model_bytes = probe.active()
     examples = synthetic_examples(spec) if examples is None else examples
     train_steps = spec["warmup"] + spec["steps"] * spec["trials"]
-    step_seconds, losses, train_peak = [], [], 0
     with tempfile.TemporaryDirectory() as run_dir:
         reports = backend.train(loaded, recipe, examples, [], Path(run_dir))  # no validation set: train reports
-        previous = probe.clock()
-        for report in reports:
-            now = probe.clock()
-            step_seconds.append(now - previous)
-            losses.append(report.loss)
-            previous = now
-            if len(step_seconds) == train_steps:
-                break
-        if probe.mlx or probe.gpu:
-            train_peak = probe.peak()  # both loops reset the counter when they start
-        else:  # two more steps under the profiler (the optimizer state exists by now: the steady-state peak)
-            for _ in range(2):
-                _, peak = profiled_peak(lambda it=reports: next(it))
-                train_peak = max(train_peak, peak)
-        reports.close()  # stop at the yield: no end-of-run checkpoint inside the timing or the peak
+        step_seconds, losses, train_peak = time_training(reports, probe, train_steps)
     train_peak -= baseline
     gc.collect()
     rng = __import__("numpy").random.default_rng(spec["seed"] + 1)

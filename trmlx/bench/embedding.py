@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from trmlx.bench.causal import _trainable_parameters, bench_overrides
-from trmlx.bench.harness import Probe, max_rss, measure_matmul, profiled_peak, trial_times
+from trmlx.bench.harness import Probe, max_rss, measure_matmul, profiled_peak, time_training, trial_times
 
 ROWS = ("synthetic (query, positive, num_negatives hard negatives): exactly query_len / passage_len (= --seq-len) "
         "tokens per text, all trained")
@@ -120,24 +120,9 @@ def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     rows = synthetic_rows(spec, tokenizer)
     examples = [EmbeddingExample(q, p, tuple(n)) for q, p, n in rows]
     train_steps = spec["warmup"] + spec["steps"] * spec["trials"]
-    step_seconds, losses, train_peak = [], [], 0
     with tempfile.TemporaryDirectory() as run_dir:
         reports = module.train_loop(model, recipe, examples, [], Path(run_dir))
-        previous = probe.clock()
-        for report in reports:
-            now = probe.clock()
-            step_seconds.append(now - previous)
-            losses.append(report.loss)
-            previous = now
-            if len(step_seconds) == train_steps:
-                break
-        if probe.mlx or probe.gpu:
-            train_peak = probe.peak()  # both loops reset the counter when they start
-        else:  # two more steps under the profiler: the steady-state peak, optimizer state included
-            for _ in range(2):
-                _, peak = profiled_peak(lambda it=reports: next(it))
-                train_peak = max(train_peak, peak)
-        reports.close()
+        step_seconds, losses, train_peak = time_training(reports, probe, train_steps)
     train_peak -= baseline
     gc.collect()
     texts = [p for _, p, _ in rows[: 4 * spec["eval_batch_size"]]]

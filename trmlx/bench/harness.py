@@ -165,6 +165,29 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
+def time_training(reports: Any, probe: Probe, steps: int) -> tuple[list[float], list[float], int]:
+    """(seconds per step, losses, training peak bytes) of the first `steps` reports of a training loop's iterator,
+    which is then closed at its yield (no end-of-run checkpoint inside the timing or the peak). torch on a CPU
+    has no peak counter: two more steps run under the profiler, when the optimizer state exists (steady state)."""
+    step_seconds, losses, train_peak = [], [], 0
+    previous = probe.clock()
+    for report in reports:
+        now = probe.clock()
+        step_seconds.append(now - previous)
+        losses.append(report.loss)
+        previous = now
+        if len(step_seconds) == steps:
+            break
+    if probe.mlx or probe.gpu:
+        train_peak = probe.peak()  # every loop resets the counter when it starts
+    else:
+        for _ in range(2):
+            _, peak = profiled_peak(lambda it=reports: next(it))
+            train_peak = max(train_peak, peak)
+    reports.close()
+    return step_seconds, losses, train_peak
+
+
 # -------------------------------------------------------------------------------------------------- matmul rate
 
 def measure_matmul(backend: str) -> dict[str, Any]:
