@@ -19,9 +19,10 @@ FORMATS = ("merged", "mlx-lm")
 def _render(result: dict[str, Any]) -> None:
     out = console()
     if result.get("format") == "mlx-lm":
-        layers = "all" if result["num_layers"] == -1 else f"the last {result['num_layers']}"
+        n = result["num_layers"]
+        layers = "every block" if n == -1 else "the last block" if n == 1 else f"the last {n} blocks"
         out.print(f"wrote {result['out']}: mlx-lm {result['method']} adapter (rank {result['rank']}, scale "
-                  f"{result['scale']:g}, {', '.join(result['keys'])} of {layers} layers; "
+                  f"{result['scale']:g}, {', '.join(result['keys'])} of {layers}; "
                   f"{', '.join(result['files'])}); use it with mlx_lm.generate --model {result['base']} "
                   f"--adapter-path {result['out']}", highlight=False)
         return
