@@ -105,16 +105,16 @@ class _quiet:
     """No datasets progress bars while loading: `trmlx check` prints its own summary, and errors stay one line."""
 
     def __enter__(self) -> None:
-        from datasets.utils import tqdm as dtqdm
+        from datasets import utils
 
-        self.was_enabled = dtqdm.are_progress_bars_disabled() is False
-        dtqdm.disable_progress_bars()
+        self.was_enabled = not utils.are_progress_bars_disabled()
+        utils.disable_progress_bars()
 
     def __exit__(self, *exc: object) -> None:
-        from datasets.utils import tqdm as dtqdm
+        from datasets import utils
 
         if self.was_enabled:
-            dtqdm.enable_progress_bars()
+            utils.enable_progress_bars()
 
 
 def _first_line(err: Exception) -> str:
