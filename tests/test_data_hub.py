@@ -166,3 +166,28 @@ def test_wmt16_shape_trains_and_evaluates_on_the_dataset_test_split(write, tmp_p
     predictions = [json.loads(line) for line in (out / "predictions" / "test.jsonl").read_text().splitlines()]
     assert [p["reference"] for p in predictions] == [f"kedi oturdu {i}" for i in range(4)]
     assert predictions[0]["origin"] == f"{tmp_path / 'wmt16'}[test]: row 1"
+
+
+def test_dotted_paths_in_lookups_columns_and_templates():
+    from trmlx.data.fields import MISSING, columns_of, get_path, placeholders, render
+
+    row = {"a.b": "literal", "translation": {"en": "hi", "tr": "selam"},
+           "answers": {"text": ["x", "y"]}, "spans": [{"text": "p"}, {"text": "q"}]}
+    assert get_path(row, "a.b") == "literal" and get_path(row, "translation.tr") == "selam"
+    assert get_path(row, "answers.text.1") == "y" and get_path(row, "spans.text") == ["p", "q"]
+    assert get_path(row, "translation.de") is MISSING and get_path(row, "answers.text.5") is MISSING
+    assert columns_of(row) == ["a.b", "translation", "translation.en", "translation.tr", "answers", "answers.text",
+                               "spans", "spans.text"]
+    template = "{translation.en} / {answers[text][0]} / {a.b!r}"
+    assert placeholders(template) == ["translation.en", "answers.text.0", "a.b"]
+    assert render(template, row) == "hi / x / 'literal'"
+
+
+def test_answers_as_a_list_of_objects_and_indexed_template_fields(write):
+    rows = [{"q": f"soru {i}", "answers": [{"text": f"cevap {i}"}, {"text": f"yanıt {i}"}]} for i in range(3)]
+    write("qa.jsonl", rows)
+    body = ('[data]\ntrain = "qa.jsonl"\ncolumns = { target = "answers.text" }\n'
+            'template = "{q} (ipucu: {answers[0][text]})"\n')
+    data = prepare_data(recipe(write, body, task="seq2seq"))
+    assert data.train[2].fields["input"] == "soru 2 (ipucu: cevap 2)"
+    assert data.train[2].reference() == ["cevap 2", "yanıt 2"] and data.report.multi_reference == {"train": 3}

@@ -20,7 +20,8 @@ def dotted(name: str) -> str:
 
 def get_path(values: Mapping[str, Any], path: str) -> Any:
     """The value at `path`, or MISSING. A key spelled with the dot wins (a CSV column may be named `a.b`);
-    otherwise walk nested objects by the dotted parts, and lists by numeric parts."""
+    otherwise walk nested objects by the dotted parts, lists by numeric parts (or by a key all their objects
+    have)."""
     if path in values:
         return values[path]
     current: Any = values
@@ -29,16 +30,21 @@ def get_path(values: Mapping[str, Any], path: str) -> Any:
             current = current[part]
         elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
             current = current[int(part)]
+        elif isinstance(current, list) and current and all(isinstance(v, Mapping) and part in v for v in current):
+            current = [v[part] for v in current]  # answers = [{"text": ...}, ...]: answers.text lists every text
         else:
             return MISSING
     return current
 
 
 def columns_of(values: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Top-level columns followed by their nested paths: translation, translation.en, translation.tr."""
+    """Top-level columns followed by their nested paths: translation, translation.en, translation.tr (a list of
+    objects shows its first object's keys, which get_path collects over the whole list)."""
     out = []
     for key, value in values.items():
         out.append(prefix + key)
+        if isinstance(value, list) and value and isinstance(value[0], Mapping):
+            value = value[0]
         if isinstance(value, Mapping):
             out += columns_of(value, f"{prefix}{key}.")
     return out

@@ -170,7 +170,8 @@ def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: s
     negative_columns = sorted((c for c in header if _NEGATIVE_COLUMN.match(c)),
                               key=lambda c: int(_NEGATIVE_COLUMN.match(c).group(1)))
     used = placeholders(template)
-    unknown = [name for name in used if name not in header and name not in roles]
+    unknown = [name for name in used if name not in header and name not in roles
+               and all(get_path(row.values, name) is MISSING for row in rows[:50])]  # e.g. {answers.text.0}
     if unknown:
         file = rows[0].origin.rsplit(":", 1)[0]
         raise UserError(f"{file}: the template uses {{{unknown[0]}}} but there is no such column; "
