@@ -58,7 +58,7 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
     data = prepare_data(recipe)
     loaded = backend.load(recipe)
     train_set, train_stats = tokenize(data.train, recipe, loaded.tokenizer)
-    valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer)
+    valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer, split="valid")
     steps = total_steps(recipe.train, math.ceil(len(train_set) / recipe.train.batch_size / world_size()))
     if setup.resume and _checkpoint_step(run) >= steps:
         raise UserError(f"--resume {run.path}: the run already finished all {steps} steps; evaluate it with "

@@ -57,6 +57,8 @@ def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     tasks = [dataclasses.replace(t, train=files(t.train), valid=files(t.valid), test=files(t.test)) for t in data.tasks]
     data = dataclasses.replace(data, train=files(data.train), valid=files(data.valid), test=files(data.test),
                                tasks=tasks)
+    if data.dataset and is_local_path(data.dataset, base_dir):  # a folder in hub layout beside the recipe
+        data = dataclasses.replace(data, dataset=files(data.dataset))
     model = recipe.model
     if model.path.startswith(PACKAGE_SCHEME) and packaged_model_path(model.path):
         model = dataclasses.replace(model, path=packaged_model_path(model.path))
@@ -160,9 +162,14 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
         (f"data.tasks[{i}].template", t.template) for i, t in enumerate(data.tasks)
     ]:
         try:
-            list(string.Formatter().parse(template))
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
         except ValueError as err:
             problems.append((key, f"bad placeholder syntax ({err}); write literal braces as {{{{ and }}}}"))
+            continue
+        unnamed = next((name for name in names if not name or name.isdigit()), None)
+        if unnamed is not None:  # str.format would look for a positional argument and fail on every row
+            problems.append((key, f"placeholder {{{unnamed}}} names no column; write {{column}} (e.g. {{source}}), "
+                                  "and literal braces as {{ and }}"))
 
     names = [t.name for t in data.tasks]
     for i, task in enumerate(data.tasks):
