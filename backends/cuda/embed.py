@@ -33,7 +33,7 @@ from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate
 
 from trmlx.backends.cuda.device import cpu_math, describe_device, memory
-from trmlx.backends.cuda.model import enable_checkpointing
+from trmlx.backends.cuda.model import enable_checkpointing, wrap_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -145,11 +145,9 @@ def _set_normalize(model: Any, normalize: bool) -> None:
 
 
 def attach_lora(model: Any, recipe: Recipe) -> None:
-    """peft LoRA/DoRA on the same linears as the MLX backend (all-linear = every linear of each block), scaled
-    alpha / r, A from trmlx.adapters.lora_a_init, B zero."""
-    from peft import LoraConfig, get_peft_model
-
-    from trmlx.adapters import layer_indices, lora_a_init, match_targets
+    """peft LoRA/DoRA on the same linears as the MLX backend (all-linear = every linear of each block), through
+    the backend's one LoRA attach (alpha / r, A from trmlx.adapters.lora_a_init, B zero)."""
+    from trmlx.adapters import layer_indices, match_targets
 
     cfg = recipe.peft
     base = model[0].auto_model
@@ -157,17 +155,8 @@ def attach_lora(model: Any, recipe: Recipe) -> None:
     linears = sorted(n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear))
     keys = match_targets(linears, cfg.targets)
     layers = layer_indices(len(blocks), cfg.layers)
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                        target_modules=[f"encoder.layer.{i}.{k}" for i in layers for k in keys],
-                        use_dora=cfg.method == "dora")
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                weight = module.lora_A["default"].weight
-                init = lora_a_init(name.removeprefix("base_model.model."), weight.shape[1], cfg.rank, recipe.train.seed)
-                weight.copy_(torch.from_numpy(init).to(weight.dtype))
-    model[0].model = peft_model
+    model[0].model = wrap_lora(base, cfg, recipe.train.seed,
+                               target_modules=[f"encoder.layer.{i}.{k}" for i in layers for k in keys])
 
 
 def make_loss(model: Any, recipe: Recipe) -> torch.nn.Module:

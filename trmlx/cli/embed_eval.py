@@ -6,7 +6,6 @@ model (`--base`, or the word `base` among the targets) and runs side by side, wi
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,19 @@ from trmlx.errors import UserError
 from trmlx.recipe.schema import BACKEND_NAMES
 
 
-
 def is_embedding_target(target: str) -> bool:
-    """Whether a RUN_DIR's recipe.toml or a RECIPE file says task = "embedding" (read, not validated)."""
+    """Whether a RUN_DIR's recipe.toml or a RECIPE file is an embedding recipe: its task as the recipe loader reads
+    it, the schema's default when unset (validation comes later, on the path that target takes)."""
+    from trmlx.recipe.load import read_toml
+    from trmlx.recipe.schema import Recipe
+
     path = Path(target)
     recipe = path / "recipe.toml" if path.is_dir() else path
     if recipe.suffix != ".toml" or not recipe.is_file():
         return False
     try:
-        return tomllib.loads(recipe.read_text(encoding="utf-8")).get("task") == "embedding"
-    except (OSError, ValueError):
+        return read_toml(recipe).get("task", Recipe.task) == "embedding"
+    except UserError:  # not readable as TOML: the causal path reports it, with the line
         return False
 
 
