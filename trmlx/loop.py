@@ -19,6 +19,15 @@ from trmlx.recipe.schema import TrainConfig
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir, atomic_write
 
+# Model families whose logits are exactly lm_head(backbone(inputs)) (no scaling or soft-capping after the head):
+# their training loss runs the head over target rows only, in chunks of train.loss_chunk_size (backends/*/loss.py).
+CHUNKED_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def chunked_loss(model_type: str, peft_method: str) -> bool:
+    """Whether a model's loss is chunked: its family's head splits off, and no virtual tokens shift positions."""
+    return model_type in CHUNKED_LOSS_TYPES and peft_method not in ("prompt", "prefix")
+
 KEEP_CHECKPOINTS = 2  # older ones are deleted once a newer one is safely on disk
 
 

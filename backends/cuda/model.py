@@ -19,6 +19,7 @@ from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import PeftConfig, Recipe
 
 from trmlx.backends.cuda.device import cpu_math, describe_device
+from trmlx.backends.cuda.loss import split_head
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PEFT_PREFIX = "base_model.model."
@@ -89,7 +90,9 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     elif peft.method == "full":
         if cfg.quantize_bits:
             raise UserError("peft.method: full fine-tuning needs unquantised weights")
-    handle = {"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft, "base": cfg.path}
+    handle = {"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft, "base": cfg.path,
+              # target rows per chunk of the head + cross-entropy; 0 where the model's head cannot be split off
+              "loss_chunk": recipe.train.loss_chunk_size if split_head(model) else 0}
     if recipe.task == "seq2seq":
         handle["decoder_start_id"] = model.config.decoder_start_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, handle=handle)

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from trmlx.backend import LoadedModel
-from trmlx.data.examples import Example, bucket_batches, collate
+from trmlx.data.examples import Example, bucket_batches, collate, with_loss_rows
 from trmlx.distributed import is_main, world_size
 from trmlx.distributed import rank as distributed_rank
 from trmlx.errors import TrainingInterrupted
@@ -27,6 +27,7 @@ from trmlx.schedule import learning_rate, total_steps
 
 from trmlx.backends.cuda import distributed
 from trmlx.backends.cuda.device import memory
+from trmlx.backends.cuda.loss import chunked_token_loss, split_head
 from trmlx.backends.cuda.model import DTYPES, device
 
 
@@ -35,7 +36,10 @@ def to_torch(batch: dict) -> dict[str, torch.Tensor]:
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step)."""
+    """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step).
+    Batches with loss_rows (trmlx.data.examples.with_loss_rows) run the head over those rows only, chunked."""
+    if "loss_rows" in batch:
+        return chunked_token_loss(split_head(model), batch)
     if "decoder_inputs" in batch:  # encoder-decoder (T5): padded encoder positions are masked out
         logits = model(input_ids=batch["inputs"].long(), attention_mask=batch["attention_mask"].long(),
                        decoder_input_ids=batch["decoder_inputs"].long(), use_cache=False).logits
@@ -63,6 +67,7 @@ def autocast(loaded: LoadedModel):
 def evaluate_loss(loaded: LoadedModel, examples: Sequence[Example], batch_size: int,
                   max_batches: int = 0) -> dict[str, float]:
     """Mean NLL per target token over the examples (batched by length, no shuffle)."""
+    chunk = loaded.handle.get("loss_chunk", 0)  # 0: unchunked (see backends/*/loss.py)
     model, pad, start = loaded.model, loaded.tokenizer.pad_token_id, loaded.handle.get("decoder_start_id")
     batches = bucket_batches([e.length for e in examples], batch_size, seed=0, shuffle=False)
     was_training = model.training
@@ -70,7 +75,8 @@ def evaluate_loss(loaded: LoadedModel, examples: Sequence[Example], batch_size: 
     total, tokens = 0.0, 0.0
     for batch in batches[:max_batches] if max_batches else batches:
         with autocast(loaded):
-            loss, count = token_loss(model, to_torch(collate([examples[i] for i in batch], pad, start)))
+            arrays = with_loss_rows(collate([examples[i] for i in batch], pad, start), chunk)
+            loss, count = token_loss(model, to_torch(arrays))
         total, tokens = total + loss.item(), tokens + count.item()
     model.train(was_training)
     return {"loss": total / max(tokens, 1.0), "tokens": tokens}
@@ -92,6 +98,7 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.op
 def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example], valid_set: Sequence[Example],
                run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
+    chunk = loaded.handle.get("loss_chunk", 0)  # target rows per head + cross-entropy chunk
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
     decoder_start = loaded.handle.get("decoder_start_id")
     require_examples(train_set)
@@ -121,7 +128,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             torch.manual_seed(step_seed(cfg, position.step))
             # All ranks walk the same order; this rank takes every world-th micro-batch of the step.
             step_batches = [batches.next() for _ in range(cfg.grad_accum * world)]
-            micro = [collate([train_set[i] for i in b], pad, decoder_start) for b in step_batches[rank::world]]
+            micro = [with_loss_rows(collate([train_set[i] for i in b], pad, decoder_start), chunk)
+                     for b in step_batches[rank::world]]
             token_sum = distributed.sum_scalar(float(sum(m["mask"].sum() for m in micro)))
             loss_sum = torch.zeros((), device=device())
             for arrays in micro:

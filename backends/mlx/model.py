@@ -15,6 +15,7 @@ from trmlx.errors import UserError
 from trmlx.recipe.schema import Recipe
 
 from trmlx.backends.mlx import t5_prompt, virtual_tokens
+from trmlx.backends.mlx.loss import split_head
 from trmlx.backends.mlx.adapters import apply_lora, load_adapter
 
 
@@ -80,7 +81,9 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         raise UserError(f"peft.method: {peft.method!r} is not available in the MLX backend yet; use lora, "
                         "dora, prefix, prompt or full")
     handle = {"path": str(path), "config": config, "peft": peft, "base": model_cfg.path,
-              "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"}
+              "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
+              # target rows per chunk of the head + cross-entropy; 0 where the model's head cannot be split off
+              "loss_chunk": recipe.train.loss_chunk_size if split_head(model) else 0}
     if seq2seq:
         handle["decoder_start_id"] = config.get("decoder_start_token_id", hf_tokenizer.pad_token_id)
         handle["checkpoint_block"] = getattr(model, "base", model).encoder.block[0]  # one class, both stacks

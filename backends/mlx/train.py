@@ -17,7 +17,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trmlx.backend import LoadedModel
-from trmlx.data.examples import Example, bucket_batches, collate
+from trmlx.data.examples import Example, bucket_batches, collate, with_loss_rows
 from trmlx.errors import TrainingInterrupted
 from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, eval_report,
                         require_examples, rewind, step_seed, validate)
@@ -26,9 +26,14 @@ from trmlx.report import StepReport
 from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate, total_steps
 
+from trmlx.backends.mlx.loss import chunked_token_loss, split_head
+
 
 def token_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
-    """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step)."""
+    """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step).
+    Batches with loss_rows (trmlx.data.examples.with_loss_rows) run the head over those rows only, chunked."""
+    if "loss_rows" in batch:
+        return chunked_token_loss(split_head(model), batch)
     if "decoder_inputs" in batch:  # encoder-decoder (T5)
         logits = model(batch["inputs"], batch["attention_mask"], batch["decoder_inputs"])
     else:
@@ -44,13 +49,15 @@ def to_mx(batch: dict) -> dict[str, mx.array]:
 def evaluate_loss(loaded: LoadedModel, examples: Sequence[Example], batch_size: int,
                   max_batches: int = 0) -> dict[str, float]:
     """Mean NLL per target token over the examples (batched by length, no shuffle)."""
+    chunk = loaded.handle.get("loss_chunk", 0)  # 0: unchunked (see backends/*/loss.py)
     model, pad, start = loaded.model, loaded.tokenizer.pad_token_id, loaded.handle.get("decoder_start_id")
     batches = bucket_batches([e.length for e in examples], batch_size, seed=0, shuffle=False)
     total, tokens = 0.0, 0.0
     was_training = model.training
     model.eval()
     for batch in batches[:max_batches] if max_batches else batches:
-        loss, count = token_loss(model, to_mx(collate([examples[i] for i in batch], pad, start)))
+        arrays = with_loss_rows(collate([examples[i] for i in batch], pad, start), chunk)
+        loss, count = token_loss(model, to_mx(arrays))
         mx.eval(loss, count)
         total, tokens = total + loss.item(), tokens + count.item()
     model.train(was_training)
@@ -68,6 +75,7 @@ def make_optimizer(recipe: Recipe) -> optim.Optimizer:
 def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example], valid_set: Sequence[Example],
                run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
+    chunk = loaded.handle.get("loss_chunk", 0)  # target rows per head + cross-entropy chunk
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
     decoder_start = loaded.handle.get("decoder_start_id")
     require_examples(train_set)
@@ -106,7 +114,8 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             mx.random.seed(step_seed(cfg, position.step))
             grads, loss_sum, token_sum = None, mx.array(0.0), mx.array(0.0)
             for _ in range(cfg.grad_accum):
-                batch = collate([train_set[i] for i in batches.next()], pad, decoder_start)
+                batch = with_loss_rows(collate([train_set[i] for i in batches.next()], pad, decoder_start),
+                                       chunk)
                 (loss, count), g = micro_step(to_mx(batch))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum, token_sum = loss_sum + loss, token_sum + count

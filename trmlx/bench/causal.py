@@ -244,4 +244,5 @@ def plan_settings(spec: dict[str, Any]) -> dict[str, Any]:
     return {"batch_size": spec["batch_size"], "grad_accum": spec["grad_accum"],
             "grad_checkpoint": spec["grad_checkpoint"], "seq_len": spec["seq_len"],
             "eval_batch_size": spec["eval_batch_size"], "prompt_len": spec["prompt_len"],
-            "max_new_tokens": spec["max_new_tokens"]}
+            "max_new_tokens": spec["max_new_tokens"],
+            "target_tokens": spec["batch_size"] * (spec["seq_len"] - spec["seq_len"] // 2)}  # synthetic_examples

@@ -180,6 +180,22 @@ def collate_causal(examples: Sequence[Example], pad_id: int) -> dict[str, np.nda
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": mask[:, 1:]}
 
 
+def with_loss_rows(batch: dict[str, np.ndarray], chunk: int) -> dict[str, np.ndarray]:
+    """The batch plus what a chunked loss runs the output head over: the flat positions that carry a loss (prompt
+    and padding positions need no logits) as (chunks, rows) `loss_rows`, padded with the last position, and their
+    `loss_weights` (the mask's, 0 on padding rows). A batch with fewer target tokens than `chunk` is one chunk,
+    rounded up to 64 rows so few shapes occur (MLX compiles one graph per shape)."""
+    if not chunk:
+        return batch
+    mask = batch["mask"].reshape(-1)
+    rows = np.flatnonzero(mask != 0).astype(np.int32)  # != 0, not > 0: a NaN weight must still reach the loss
+    chunk = max(1, min(chunk, -(-max(len(rows), 1) // 64) * 64))
+    pad = -len(rows) % chunk or (chunk if len(rows) == 0 else 0)
+    padded = np.concatenate([rows, np.full(pad, rows[-1] if len(rows) else 0, dtype=np.int32)])
+    weights = np.concatenate([mask[rows], np.zeros(pad, dtype=np.float32)]).astype(np.float32)
+    return {**batch, "loss_rows": padded.reshape(-1, chunk), "loss_weights": weights.reshape(-1, chunk)}
+
+
 def collate_seq2seq(examples: Sequence[Example], pad_id: int, decoder_start_id: int) -> dict[str, np.ndarray]:
     """Encoder inputs with attention mask; decoder inputs start with decoder_start_id; targets masked at padding."""
     n = len(examples)

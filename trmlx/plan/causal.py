@@ -22,6 +22,7 @@ from typing import Any
 
 from trmlx.adapters import match_targets
 from trmlx.errors import UserError
+from trmlx.loop import chunked_loss
 from trmlx.plan.base import (GB, PAD_MULTIPLE, Plan, Target, Term, apply_batch, batch_settings, bnb_4bit_bytes,
                              fit_micro_batch, kv_positions, loss_fp32_copies, mlx_quantised_bytes, overhead_term,
                              parameter_terms, trainable_parameters)
@@ -36,21 +37,24 @@ from trmlx.recipe.schema import Recipe
 #   ckpt_layer_*   the one layer live in full while it is recomputed and differentiated
 #   logits_fp32    fp32 vocabulary-sized rows per token besides the model-dtype logits (softmax / loss / gradient);
 #                  quant_logits_fp32 more when MLX's head is quantised
+#   chunk_fp32     with a chunked loss: fp32 copies of one chunk's rows × vocabulary live at once (logits,
+#                  softmax, its gradient and the temporaries between); measured at vocabulary 152,064 by
+#                  `python benchmarks/loss_chunking.py` (MLX 9.9 at chunk 128, 8.8 at 512; torch 3.0 at both)
 #   prefill_*      eval generation: one layer's forward over the prompt chunk (no gradients)
 # Refit with `python benchmarks/plan_calibration.py` (benchmarks/results/plan_calibration-cpu.json: the data).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
         "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_layer_h": 0.0,
         "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 9.942, "ckpt_layer_scores": 1.571, "logits_fp32": 1.195,
-        "quant_logits_fp32": 0.883, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
+        "quant_logits_fp32": 0.883, "chunk_fp32": 9.5, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
     "torch": {
         "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767,
         "ckpt_layer_h": 6.644, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.223, "ckpt_layer_scores": 0.0,
-        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
+        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
         "prefill_scores": 0.048},
 }
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
-              "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32")
+              "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32")
 EVAL_KEYS = ("prefill_h", "prefill_mlp", "prefill_scores")
 
 
@@ -170,11 +174,12 @@ def weight_bytes(recipe: Recipe, shape: ModelShape, target: Target) -> tuple[flo
 def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target, *, batch_size: int | None = None,
                 grad_accum: int | None = None, grad_checkpoint: bool | None = None, seq_len: int | None = None,
                 eval_batch_size: int | None = None, prompt_len: int | None = None,
-                max_new_tokens: int | None = None, budget: float | None = None,
+                max_new_tokens: int | None = None, target_tokens: int | None = None, budget: float | None = None,
                 coefficients: dict[str, float] | None = None) -> Plan:
     """The memory plan of one configuration; unset keywords come from the recipe (seq_len: data.max_length, the
-    longest batch training can meet; prompt_len: the same, the longest prompt eval can meet). `coefficients`
-    replaces CALIBRATION[family] (the calibration script fits them)."""
+    longest batch training can meet; prompt_len: the same, the longest prompt eval can meet; target_tokens: the
+    micro-batch's tokens that carry a loss, at most every position). `coefficients` replaces CALIBRATION[family]
+    (the calibration script fits them)."""
     coef = coefficients or CALIBRATION[target.family]
     batch, accum, ckpt = batch_settings(recipe, batch_size, grad_accum, grad_checkpoint)
     seq_len = seq_len or recipe.data.max_length
@@ -208,6 +213,16 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
                   f"with checkpointing: {with_ckpt / GB:.3f} GB"))
     fp32_copies = loss_fp32_copies(coef, recipe, target, h)
     logits = tokens * vocab * (dt + 4 * fp32_copies)  # the head's output in the model dtype + fp32 loss copies
+    logits_doc = (f"{tokens:,} tokens × vocabulary {vocab:,} × (one {dt}-byte logits row + {fp32_copies:.2f} fp32 "
+                  "rows for softmax / cross-entropy and its gradient)")
+    chunk = recipe.train.loss_chunk_size if chunked_loss(shape.model_type, recipe.peft.method) else 0
+    if chunk:  # the head over target rows only, one chunk of them at a time (backends/*/loss.py)
+        targets = min(target_tokens or tokens, tokens)
+        rows = min(chunk, -(-targets // 64) * 64)
+        logits = rows * vocab * 4 * coef["chunk_fp32"] + 2 * targets * h * dt
+        logits_doc = (f"chunked (train.loss_chunk_size = {chunk}): {rows:,} target rows × vocabulary {vocab:,} × "
+                      f"{coef['chunk_fp32']:g} fp32 copies at a time, + the {targets:,} target rows' hidden states "
+                      f"and their gradient (unchunked: {tokens * vocab * (dt + 4 * fp32_copies) / GB:.3f} GB)")
 
     cached = kv_positions(prompt_len + new_tokens, target)
     kv_cache = 2 * shape.num_layers * shape.kv_dim * eval_batch * cached * dt
@@ -220,9 +235,7 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
         *parameter_terms(recipe, params, param_bytes, grad_copies, f"{grad_copies} gradient "
                          f"cop{'y' if grad_copies == 1 else 'ies'} of the trainable parameters"),
         Term("activations", activations, act_doc, "train"),
-        Term("logits_loss", logits, f"{tokens:,} tokens × vocabulary {vocab:,} × (one {dt}-byte logits row + "
-                                    f"{fp32_copies:.2f} fp32 rows for softmax / cross-entropy and its gradient)",
-             "train"),
+        Term("logits_loss", logits, logits_doc, "train"),
         Term("kv_cache", kv_cache, f"eval generation: 2 × {shape.num_layers} layers × {shape.kv_dim} × "
                                    f"batch {eval_batch} × {cached} positions (prompt {prompt_len} + "
                                    f"{new_tokens} new) × {dt} B", "eval"),

@@ -127,6 +127,12 @@ class TrainConfig:
     optimizer: Literal["adamw", "adafactor", "paged_adamw_8bit"] = doc("adamw", "Optimizer; paged_adamw_8bit is CUDA-only.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 = off.", minimum=0)
     grad_checkpoint: bool = doc(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    loss_chunk_size: int = doc(
+        128, "Target tokens per chunk of the output head and cross-entropy (causal LMs of the Llama / Qwen / "
+        "Mistral families): the head runs over target positions only, chunk by chunk, so the full tokens × vocabulary "
+        "logits never exist; same loss and gradients. 128 (measured, benchmarks/results/loss_chunking-cpu.json): at a "
+        "152k vocabulary and 4,096 tokens the loss layer takes 0.77 GB on MLX and 0.24 GB on torch instead of 5.0 and "
+        "7.5, and steps are 2.3-3.2x faster. 0 = one unchunked head over every position.", minimum=0)
     memory_budget: str = doc("", 'Peak-memory budget, e.g. "16GB": micro-batch, grad_accum and grad_checkpoint are '
                                  'chosen to fit it, keeping the effective batch (trmlx plan); "" = off.')
     effective_batch: int = doc(16, 'Examples per optimizer step kept when batch_size = "auto" (micro-batch × '

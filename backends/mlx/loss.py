@@ -1,0 +1,56 @@
+"""The training loss of a causal LM on MLX: cross-entropy over target tokens only, the vocabulary-sized head run
+chunk by chunk.
+
+Unchunked, a batch of T tokens materialises T × vocabulary logits, their fp32 softmax and its gradient (at 152,064
+words and 4,096 tokens: 2.5 GB per fp32 copy). Here the backbone's hidden states of the positions that carry a
+loss (prompt and padding positions need no logits at all) go through the head `train.loss_chunk_size` rows at a
+time, each chunk's logits recomputed in the backward pass (mx.checkpoint), so only one chunk's logits and their
+softmax / gradient temporaries exist at once (measured: ~9-10 fp32 copies of a chunk's rows × vocabulary). The sum
+is the same as the full loss within float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from trmlx.loop import CHUNKED_LOSS_TYPES  # families whose head splits off (no logit post-processing)
+
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[mx.array], mx.array]] | None:
+    """(backbone: inputs -> final hidden states, head module, head function) of a plain mlx-lm decoder; None for
+    anything else (virtual-token wrappers, T5, families with logit post-processing)."""
+    args = getattr(model, "args", None)
+    backbone = getattr(model, "model", None)
+    if backbone is None or getattr(args, "model_type", None) not in CHUNKED_LOSS_TYPES:
+        return None
+    if getattr(args, "tie_word_embeddings", False):
+        embed = backbone.embed_tokens
+        return backbone, embed, embed.as_linear
+    head = getattr(model, "lm_head", None)
+    return (backbone, head, head) if head is not None else None
+
+
+def chunked_token_loss(parts: tuple, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+    """Summed cross-entropy over target tokens and their count: the head over `loss_rows` only (see
+    trmlx.data.examples.with_loss_rows), one (chunk,) row of them at a time; the same sum as the unchunked loss."""
+    backbone, head_module, head = parts
+    hidden = backbone(batch["inputs"])
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), batch["targets"].reshape(-1)
+
+    def chunk_loss(h: mx.array, t: mx.array, w: mx.array) -> mx.array:
+        logits = head(h).astype(mx.float32)
+        picked = mx.take_along_axis(logits, mx.stop_gradient(t)[:, None], axis=-1)[:, 0]  # no VJP for indices
+        return ((mx.logsumexp(logits, axis=-1) - picked) * w).sum()
+
+    checkpointed = nn.utils.checkpoint(head_module, chunk_loss)  # logits recomputed per chunk in the backward pass
+    total = mx.array(0.0)
+    for rows, weights in zip(batch["loss_rows"], batch["loss_weights"]):
+        # `+ 0 · total`: each chunk's head waits for the previous chunk's loss (and its backward for the next
+        # one's), so MLX's lazy graph holds one chunk's logits at a time, not all of them (measured: -13%)
+        hidden_rows = flat_hidden[rows] + (total * 0).astype(flat_hidden.dtype)
+        total = total + checkpointed(hidden_rows, flat_targets[rows], weights)
+    return total, batch["mask"].sum()
