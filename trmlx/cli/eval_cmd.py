@@ -36,6 +36,7 @@ class Target:
 def resolve_target(target: str, adapter: str | None, backend: str | None, overrides: tuple[str, ...] = (),
                    use_adapter: bool = True) -> Target:
     """RUN_DIR (its recipe.toml, adapter/ and environment.json's backend) or RECIPE (+ optional --adapter)."""
+    from trmlx.integrity import check_adapter
     from trmlx.recipe import load_recipe
     from trmlx.rundir import RunDir
 
@@ -50,11 +51,16 @@ def resolve_target(target: str, adapter: str | None, backend: str | None, overri
         if use_adapter and not (adapter_path / "adapter_config.json").is_file():
             raise UserError(f"{adapter_path}: no adapter_config.json (has training finished?); pass --adapter DIR "
                             "or evaluate the base model with the recipe file")
+        if use_adapter:
+            check_adapter(adapter_path, f"trmlx train --resume {run.path} writes it again from the last checkpoint"
+                          if not adapter else "expected a complete PEFT adapter folder")
         return Target(load_recipe(run.recipe, overrides, chosen), adapter_path if use_adapter else None, chosen, run)
     if path.is_file():
         chosen = backend or "mlx"
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter {adapter}: no adapter_config.json; expected a PEFT adapter folder")
+        if adapter and use_adapter:
+            check_adapter(Path(adapter), "expected a complete PEFT adapter folder")
         return Target(load_recipe(path, overrides, chosen), Path(adapter) if adapter and use_adapter else None,
                       chosen, None)
     raise UserError(f"{target}: no such run directory or recipe file")
@@ -142,6 +148,9 @@ def eval_command(targets: tuple[str, ...], adapter: str | None, backend: str | N
 
     out_dir = RunDir(Path(output) if output else resolved.run.path if resolved.run
                      else default_run_path(f"{resolved.recipe.name}-eval"))
+    from trmlx.integrity import ensure_writable
+
+    ensure_writable(out_dir.predictions(split).parent, "checking that eval can save its predictions")
     emit(_evaluate(resolved, split, max_samples, batch_size, out_dir, split, as_json), as_json, _render)
 
 

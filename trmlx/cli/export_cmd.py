@@ -65,4 +65,14 @@ def export(target: str, out_dir: str, dtype: str | None, adapter: str | None, ba
     else:
         from trmlx.backends.mlx.export import export_model
 
-    emit(export_model(resolved.recipe, resolved.adapter, out, dtype), as_json, _render)
+    from trmlx.integrity import disk_error, disk_fault, ensure_writable
+
+    ensure_writable(out.absolute().parent, f"checking that {out} can be written")  # before the slow merge
+    try:
+        result = export_model(resolved.recipe, resolved.adapter, out, dtype)
+    except OSError as err:
+        if not disk_fault(err):
+            raise
+        raise disk_error(err, f"writing the exported model to {out}",
+                         "the partial copy was removed; nothing else was changed") from None
+    emit(result, as_json, _render)
