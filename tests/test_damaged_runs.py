@@ -185,3 +185,140 @@ def test_interrupts_deferred_holds_a_sigint_until_the_block_ends():
             done.append("the rest of the block ran")
     assert done == ["the rest of the block ran"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------- damaged checkpoints, pointers, adapters
+
+mlx_only = pytest.mark.skipif(not _available("mlx"), reason="needs the mlx backend")
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """An MLX run stopped by Ctrl-C inside step 5: checkpoints step-2 and step-4, `latest` = step-4."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        calls, original = [0], BatchCursor.next
+
+        def next_batch(self):
+            calls[0] += 1
+            if calls[0] == 10:
+                raise KeyboardInterrupt
+            return original(self)
+
+        patch.setattr(BatchCursor, "next", next_batch)
+        with pytest.raises(TrainingInterrupted):
+            runner.train(start(out.parent, "run", "mlx"), "mlx")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000004"]
+    return out
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "b")
+    return tmp_path / "b"
+
+
+def damage_latest_weights(run):
+    weights = run / "checkpoints" / "step-0000004" / "trainable.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    return f"trainable.safetensors: {size // 2} bytes, {size} were written"
+
+
+DAMAGES = {
+    "truncated-checkpoint": (damage_latest_weights, "step-0000004 is damaged ({}); resuming from step-0000002"),
+    "garbage-position": (lambda run: (run / "checkpoints/step-0000004/position.json").write_bytes(b"\x00garbage")
+                         and "position.json: not UTF-8 text" or "",
+                         "step-0000004 is damaged (position.json: not valid JSON (Expecting value at line 1 "
+                         "column 1)); resuming from step-0000002"),
+    "dangling-latest": (lambda run: (run / "checkpoints/latest").write_text("step-0000009") and "",
+                        "checkpoints/latest names step-0000009, which does not exist; resuming from step-0000004"),
+    "empty-latest": (lambda run: (run / "checkpoints/latest").write_text("") and "",
+                     "checkpoints/latest is empty; resuming from step-0000004"),
+}
+
+
+@mlx_only
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_checkpoint_falls_back_to_the_last_good_one_and_says_so(tmp_path, capsys, interrupted, straight,
+                                                                       damage):
+    run = copy_of(interrupted, tmp_path)
+    breaker, note = DAMAGES[damage]
+    detail = breaker(run)
+    capsys.readouterr()
+    resume(run, "mlx")
+    err = capsys.readouterr().err
+    assert f"warning: --resume {run}: {note.format(detail)}\n" in err
+    assert records(run) == records(straight("mlx"))  # the steps after the good checkpoint were trained again
+
+
+@mlx_only
+def test_no_usable_checkpoint_is_one_line_and_changes_nothing(tmp_path, cli, interrupted):
+    run = copy_of(interrupted, tmp_path)
+    damage_latest_weights(run)
+    (run / "checkpoints/step-0000002/position.json").unlink()
+    log = (run / "metrics.jsonl").read_bytes()
+    result = cli("train", "--resume", str(run))
+    size = (interrupted / "checkpoints/step-0000004/trainable.safetensors").stat().st_size
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: --resume {run}: no usable checkpoint (step-0000004 is damaged "
+                             f"(trainable.safetensors: {size // 2} bytes, {size} were written); step-0000002 is "
+                             "damaged (no position.json: its write was cut off)); start a new run with trmlx train "
+                             "RECIPE --output NEW_DIR\n")
+    assert (run / "metrics.jsonl").read_bytes() == log
+
+
+@mlx_only
+def test_resume_with_the_other_backend_is_refused_before_loading(tmp_path, cli, interrupted):
+    run = copy_of(interrupted, tmp_path)
+    result = cli("train", "--resume", str(run), "--backend", "cuda")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: --resume {run}: its checkpoints were written by the mlx backend; resume with --backend mlx (a "
+        "checkpoint holds one framework's optimizer state and parameter layout, so another backend could not "
+        "continue it exactly; a finished run's adapter/ loads on both)\n")
+
+
+@mlx_only
+def test_a_kill_during_the_final_adapter_write_is_repaired_by_resume(tmp_path, cli, monkeypatch, straight):
+    from trmlx.backends.mlx import MLXBackend
+
+    expected = straight("mlx")
+
+    def killed_mid_write(self, loaded, path):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+        raise KeyboardInterrupt  # the kill: nothing after this line runs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MLXBackend, "save_adapter", killed_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            runner.train(start(tmp_path, "b", "mlx"), "mlx")
+    run = tmp_path / "b"
+    assert not (run / "adapter").exists() and not (run / ".adapter.tmp").exists()  # never a half adapter
+    result = cli("train", "--resume", str(run))
+    assert result.exit_code == 0, result.output
+    assert (f"note: --resume {run}: the run finished but {run}/adapter is incomplete (missing); writing it from "
+            "the last checkpoint\n") in result.stderr
+    weights = "adapter/adapter_model.safetensors"
+    assert (run / weights).read_bytes() == (expected / weights).read_bytes()
+    assert records(run) == records(expected)
+    again = cli("train", "--resume", str(run))
+    assert again.exit_code == 2 and "the run already finished all 6 steps" in again.stderr
+
+
+@mlx_only
+@pytest.mark.parametrize("damage, message", [
+    ("truncate-weights", "adapter_model.safetensors: not a complete safetensors file"),
+    ("config-not-json", "adapter_config.json: not valid JSON (Expecting value at line 1 column 1)"),
+])
+def test_eval_of_a_damaged_adapter_is_one_line(tmp_path, cli, straight, damage, message):
+    run = copy_of(straight("mlx"), tmp_path)
+    if damage == "truncate-weights":
+        (run / "adapter/adapter_model.safetensors").write_bytes(b"\xff" * 12)
+    else:
+        (run / "adapter/adapter_config.json").write_text("not json", encoding="utf-8")
+    result = cli("eval", str(run), "--max-samples", "2")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run}/adapter: {message}")
+    assert lines[0].endswith(f"; trmlx train --resume {run} writes it again from the last checkpoint")

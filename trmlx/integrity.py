@@ -32,17 +32,19 @@ def disk_fault(err: BaseException) -> bool:
 
 def disk_error(err: OSError, doing: str, kept: str = "", path: Path | str | None = None) -> UserError:
     """One line: which path, what the disk said, what was being written, what is still intact."""
-    where = err.filename or path or "?"
+    where = path or err.filename or "?"
     return UserError(f"{where}: {DISK_FAULTS.get(err.errno, err.strerror)} while {doing}"
                      + (f"; {kept}" if kept else ""))
 
 
 def ensure_writable(folder: Path, doing: str) -> None:
-    """Create (and remove) a file in `folder` before long work whose result would be lost if it cannot be saved."""
-    folder = Path(folder)
+    """Create (and remove) a file in `folder`, or in its nearest existing parent when it does not exist yet
+    (nothing is created), before long work whose result would be lost if it could not be saved."""
+    probe_in = Path(folder).absolute()
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".trmlx-write-test-")
+        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".trmlx-write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -61,7 +63,7 @@ def safetensors_problem(path: Path) -> str | None:
                 return f"{path.name}: {size} bytes, too short for a safetensors file"
             length = int.from_bytes(head, "little")
             if length > size - 8:
-                return f"{path.name}: truncated ({size} bytes; its header alone needs {length + 8})"
+                return f"{path.name}: not a complete safetensors file ({size} bytes; its header claims {length})"
             header = json.loads(stream.read(length))
     except OSError as err:
         return f"{path.name}: cannot be read ({err.strerror})"

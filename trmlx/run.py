@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from trmlx.backend import get_backend
+from trmlx.checkpoints import Checkpoints, Position
 from trmlx.data import prepare_data
 from trmlx.data.examples import tokenize
 from trmlx.distributed import is_main, world_size
-from trmlx.checkpoints import Checkpoints, Position
 from trmlx.errors import TrainingInterrupted, UserError
-from trmlx.integrity import adapter_problem, disk_error, disk_fault, replace_folder
+from trmlx.integrity import adapter_problem, disk_error, disk_fault, ensure_writable, replace_folder
 from trmlx.plan import resolve_batch
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
-from trmlx.report import MetricsLogger, StepReport, plot_losses
-from trmlx.rundir import (RunDir, create_run_dir, default_run_path, environment_record, mark_failed,
+from trmlx.report import MetricsLogger, StepReport, plot_losses, read_log
+from trmlx.rundir import (RunDir, check_output, create_run_dir, default_run_path, environment_record, mark_failed,
                           replaceable_run)
 from trmlx.schedule import total_steps
 
@@ -75,7 +75,12 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
 def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport, int], None] | None,
            on_start: Callable[[dict], None] | None, started: list[bool]) -> dict:
     recipe, run = setup.recipe, setup.run
-    resumed = _resume_point(run, backend_name) if setup.resume else None  # before the slow model load
+    # Everything that can refuse the run is checked before the slow model load.
+    resumed = _resume_point(run, backend_name) if setup.resume else None
+    if not setup.resume:
+        check_output(run)
+    if is_main():
+        ensure_writable(run.path, "checking that the run directory can be written")
     backend = get_backend(backend_name)
     data = prepare_data(recipe)
     loaded = backend.load(recipe)
@@ -97,7 +102,7 @@ def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport
         create_run_dir(run.path, recipe_to_toml(recipe), env, resume=setup.resume)
     logger = MetricsLogger(run.metrics, enabled=main)
     if resumed:
-        with _disk_guard(run, "trimming the metrics log to the checkpoint"):
+        with _disk_guard(run, "trimming the metrics log to the checkpoint", "", run.metrics):
             logger.truncate_after(resumed.step)
     if on_start:
         on_start({"run": str(run.path), "steps": steps, "train_examples": len(train_set),
@@ -109,8 +114,8 @@ def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport
     report: StepReport | None = None
     try:
         for report in reports:
-            with _disk_guard(run, f"logging step {report.step}", "the records before it are intact; training "
-                             "stopped after its last checkpoint"):
+            with _disk_guard(run, f"logging step {report.step}", "the records before it are intact; free space, "
+                             f"then trmlx train --resume {run.path} continues from the last checkpoint", run.metrics):
                 logger.log(report)
             last[report.kind] = report
             if on_report:
@@ -130,14 +135,24 @@ def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport
         raise
     if main:
         with _disk_guard(run, "writing the adapter", "the checkpoints are intact; free space, then "
-                         f"trmlx train --resume {run.path} writes it"):
+                         f"trmlx train --resume {run.path} writes it", run.adapter):
             replace_folder(run.adapter, lambda folder: backend.save_adapter(loaded, folder))
         with _disk_guard(run, "writing the loss plot", "the adapter and the metrics log are complete"):
             plot_losses(run.metrics, run.plots / "loss.png", title=f"{recipe.name} ({backend_name})")
+    final = _final_losses(run, last) if main else {k: r.loss for k, r in last.items()}
     return {"run": str(run.path), "steps": steps, "adapter": str(run.adapter),
-            "final_train_loss": last["train"].loss if "train" in last else None,
-            "final_valid_loss": last["eval"].loss if "eval" in last else None,
+            "final_train_loss": final.get("train"), "final_valid_loss": final.get("eval"),
             "plot": str(run.plots / "loss.png")}
+
+
+def _final_losses(run: RunDir, last: dict[str, StepReport]) -> dict[str, float]:
+    """The last train and validation losses of the run, from the log when this invocation logged none (a resume
+    that only wrote the adapter)."""
+    final = {kind: report.loss for kind, report in last.items()}
+    for record in read_log(run.metrics) if len(final) < 2 and run.metrics.is_file() else ():
+        if record.get("kind") in ("train", "eval") and record.get("kind") not in last:
+            final[record["kind"]] = record["loss"]
+    return final
 
 
 def _resume_point(run: RunDir, backend_name: str) -> Position:
@@ -149,11 +164,12 @@ def _resume_point(run: RunDir, backend_name: str) -> Position:
 
 
 @contextmanager
-def _disk_guard(run: RunDir, doing: str, kept: str = "") -> Iterator[None]:
+def _disk_guard(run: RunDir, doing: str, kept: str = "", path: Path | None = None) -> Iterator[None]:
     """A full or read-only disk is the user's to fix: one line saying what was kept and how to go on."""
     try:
         yield
     except OSError as err:
         if not disk_fault(err):
             raise
-        raise disk_error(err, doing, kept or f"free space, then trmlx train --resume {run.path}") from None
+        raise disk_error(err, doing, kept or f"free space, then trmlx train --resume {run.path}",
+                         path or err.filename) from None

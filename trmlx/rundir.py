@@ -84,9 +84,7 @@ def create_run_dir(path: Path, recipe_toml: str, environment: dict[str, Any], re
     run = RunDir(Path(path))
     try:
         if run.recipe.exists() and not resume:
-            if not replaceable_run(run):
-                raise UserError(f"--output {path}: already holds a run; pass --resume {path} to continue it or "
-                                "choose another directory")
+            check_output(run)
             print(f"note: --output {path}: starting again over the failed run there ({_failure(run)})",
                   file=sys.stderr)
             for name in RUN_OUTPUTS:
@@ -102,6 +100,13 @@ def create_run_dir(path: Path, recipe_toml: str, environment: dict[str, Any], re
         raise disk_error(err, "writing the run directory", "nothing in it was changed; choose a writable "
                          "--output or free space", run.path) from None
     return run
+
+
+def check_output(run: RunDir) -> None:
+    """Refuse a fresh run over a folder that holds another run's results (finished, or resumable)."""
+    if not replaceable_run(run):
+        raise UserError(f"--output {run.path}: already holds a run; pass --resume {run.path} to continue it or "
+                        "choose another directory")
 
 
 def replaceable_run(run: RunDir) -> bool:
