@@ -77,8 +77,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "adapter", "model", "plots", "neg
 
 
 def create_run_dir(path: Path, recipe_toml: str, environment: dict[str, Any], resume: bool = False) -> RunDir:
-    """Make the run directory; refuse to overwrite another run's results unless resuming it. A run that failed
-    (or stopped before it saved anything) is replaced, so a fixed recipe can be rerun with the same --output."""
+    """Make the run directory; refuse to overwrite another run unless resuming it. A run that failed is
+    replaced, so a fixed recipe can be rerun with the same --output."""
     from trmlx.integrity import disk_error, disk_fault
 
     run = RunDir(Path(path))
@@ -110,12 +110,9 @@ def check_output(run: RunDir) -> None:
 
 
 def replaceable_run(run: RunDir) -> bool:
-    """True when `train` may start over in this folder: no run there, a run marked failed, or one that never
-    saved a checkpoint or an adapter (nothing to lose)."""
-    if not run.recipe.exists() or run.failed.exists():
-        return True
-    saved = run.checkpoints.is_dir() and any(run.checkpoints.glob("step-*"))
-    return not (saved or run.adapter.exists() or (run.path / "model").exists())
+    """True when `train` may start over in this folder: no run there, or one that stopped with an error. (A run
+    without failed.json may be one that is running right now, or was interrupted: never overwritten.)"""
+    return not run.recipe.exists() or run.failed.exists()
 
 
 def mark_failed(run: RunDir, error: str) -> None:
@@ -131,7 +128,7 @@ def _failure(run: RunDir) -> str:
     try:
         return "it stopped with: " + json.loads(run.failed.read_text(encoding="utf-8"))["error"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "it saved no checkpoint"
+        return "its failed.json is unreadable"
 
 
 def atomic_write(path: Path, content: str | bytes) -> None:
