@@ -160,6 +160,34 @@ def test_enospc_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monk
     assert records(run) == records(straight("mlx"))
 
 
+@mlx_only
+def test_a_tensor_writer_failing_on_a_full_disk_is_named_as_one(tmp_path, monkeypatch, straight):
+    """mx.save_safetensors / torch.save raise RuntimeError without an errno: a full disk is recognised anyway."""
+    import shutil
+    from collections import namedtuple
+
+    module, usage = train_module("mlx"), namedtuple("usage", "total used free")
+    original, real_usage = module.save_state, shutil.disk_usage
+
+    def save_state(folder, model, optimizer):
+        if folder.name == ".step-0000004.tmp":
+            raise RuntimeError(f"[save_safetensors] Failed to open file {folder}/trainable.safetensors")
+        original(folder, model, optimizer)
+
+    def disk_usage(path):  # the disk is full where step 4 was being written
+        return usage(10, 10, 0) if str(path).endswith(".step-0000004.tmp") else real_usage(path)
+
+    monkeypatch.setattr(module, "save_state", save_state)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    with pytest.raises(UserError) as stop:
+        runner.train(start(tmp_path, "b", "mlx"), "mlx")
+    run = tmp_path / "b"
+    assert str(stop.value) == (f"{run}/checkpoints/.step-0000004.tmp: no space left on device while writing "
+                               "checkpoint step-0000004; the previous checkpoint step-0000002 is intact; free "
+                               f"space, then trmlx train --resume {run}")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+
+
 # --------------------------------------------------------------------------------------- rerunning a failed run
 
 @mlx_only

@@ -8,7 +8,9 @@ previous good one (saying so) instead of crashing in the middle of a load.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -53,7 +55,15 @@ class Checkpoints:
         name = f"step-{position.step:07d}"
 
         def write(folder: Path) -> None:
-            write_state(folder)
+            try:
+                write_state(folder)
+            except OSError:
+                raise
+            except Exception as err:  # MLX and torch report a failed write as RuntimeError, without an errno
+                full = _full_disk(folder)
+                if full:
+                    raise full from err
+                raise
             files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
             record = {**asdict(position), "backend": self.backend, "files": files}
             (folder / POSITION_FILE).write_text(json.dumps(record), encoding="utf-8")
@@ -166,6 +176,15 @@ class Checkpoints:
         kept = [f for f in folders if _step_of(f) <= step]
         for folder in kept[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _full_disk(folder: Path) -> OSError | None:
+    """The disk-full error a tensor writer could not name: under 1 MiB free where its write just failed."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) if free < 1 << 20 else None
 
 
 def _step_of(folder: Path) -> int:
