@@ -66,7 +66,7 @@ RECIPE = REPO / "recipes" / "translate_7b.toml"
 DATA = REPO / "recipes" / "data" / "en_tr"
 MARKER = "trmlx-bench-model.json"
 
-# trmlx.tiny.llama_config arguments. 7b is Llama-2-7B's architecture (6,738,415,616 parameters).
+# trmlx.tiny.llama.llama_config arguments. 7b is Llama-2-7B's architecture (6,738,415,616 parameters).
 SHAPES: dict[str, dict[str, int]] = {
     "7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                intermediate_size=11008, max_position_embeddings=4096),
@@ -106,7 +106,9 @@ def build_model(model_dir: Path, shape: str, seed: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trmlx.tiny import llama_config, save_tokenizer, shipped_texts, train_tokenizer
+    from trmlx.tiny.llama import llama_config, shipped_texts
+
+    from trmlx.tiny.tokenizer import save_tokenizer, train_tokenizer
 
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if (not gpu or native_bf16()) else torch.float16

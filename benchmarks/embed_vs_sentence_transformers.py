@@ -54,7 +54,7 @@ def overrides(steps: int) -> list[str]:
 
 def child_trmlx(steps: int, workdir: Path) -> dict[str, Any]:
     from trmlx.backends.cuda import embed
-    from trmlx.embedding import read_examples
+    from trmlx.embedding.examples import read_examples
     from trmlx.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides(steps), "cuda")
@@ -80,7 +80,8 @@ def child_st(steps: int, workdir: Path) -> dict[str, Any]:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
-    from trmlx.embedding import read_examples, unique_text_batches
+    from trmlx.embedding.batches import unique_text_batches
+    from trmlx.embedding.examples import read_examples
     from trmlx.recipe.checks import packaged_model_path
 
     examples = read_examples(workdir / "triplets.jsonl")
@@ -134,7 +135,7 @@ def run_child(system: str, steps: int, workdir: Path) -> dict[str, Any]:
 
 def write_triplets(workdir: Path) -> int:
     from trmlx.data import prepare_data
-    from trmlx.embedding import training_examples, write_examples
+    from trmlx.embedding.examples import training_examples, write_examples
     from trmlx.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides(HP["warmup_steps"] + 1), "cuda")

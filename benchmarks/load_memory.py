@@ -2,7 +2,7 @@
 
 A random-weight HF-format Llama of a few hundred MB in fp32 is written once into a temporary folder (one
 safetensors shard per transformer block, so the builder holds one block at a time; config and tokenizer from
-trmlx.tiny so mlx-lm loads it like any HF checkpoint). Then each way of loading runs in its own fresh Python
+trmlx.tiny.llama so mlx-lm loads it like any HF checkpoint). Then each way of loading runs in its own fresh Python
 process, so peaks never mix:
 
   trmlx-q4     trmlx.backends.mlx.model.load(recipe), model.quantize_bits = 4 (group 64), peft.method = "lora":
@@ -47,11 +47,13 @@ def build_model(out: Path, *, hidden: int, layers: int, intermediate: int, vocab
                 seed: int = 0) -> dict[str, Any]:
     """Write config.json, tokenizer files and one safetensors shard per block (plus embeddings / head shards) with
     an index, generating each tensor just before its shard is written: the builder never holds the whole model.
-    Names and scales follow trmlx.tiny.llama_weights (normal(0, 1/sqrt(fan_in)), embeddings normal(0, 1))."""
+    Names and scales follow trmlx.tiny.llama.llama_weights (normal(0, 1/sqrt(fan_in)), embeddings normal(0, 1))."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    from trmlx.tiny import llama_config, save_tokenizer, shipped_texts, train_tokenizer
+    from trmlx.tiny.llama import llama_config, shipped_texts
+
+    from trmlx.tiny.tokenizer import save_tokenizer, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     config = llama_config(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from trmlx.recipe import load_recipe  # noqa: E402
 from trmlx.rundir import environment_record  # noqa: E402
-from trmlx.tiny import build_tiny_llama, shipped_texts  # noqa: E402
+from trmlx.tiny.llama import build_tiny_llama, shipped_texts  # noqa: E402
 
 
 def drift(quantised: np.ndarray, reference: np.ndarray) -> dict[str, float]:

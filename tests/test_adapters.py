@@ -39,8 +39,8 @@ def test_unknown_targets_and_too_many_layers_are_clear_errors():
 
 @pytest.mark.parametrize("targets", ['"wo"', '["wo"]'])
 def test_the_seq2seq_planner_counts_what_a_string_names(targets):
-    from trmlx.model_shape import load_shape
-    from trmlx.plan_seq2seq import adapted
+    from trmlx.plan.seq2seq import adapted
+    from trmlx.plan.tasks import load_shape
 
     recipe = load_recipe(SEQ2SEQ, [f"peft.targets={targets}"])
     shape = load_shape(recipe)
@@ -56,8 +56,8 @@ def test_both_backends_and_the_planner_adapt_the_same_layers_for_a_string_and_a_
     from transformers import AutoModelForCausalLM
 
     from trmlx.backends.cuda.model import target_names
-    from trmlx.model_shape import load_shape
-    from trmlx.plan import target_names as planned
+    from trmlx.plan.causal import target_names as planned
+    from trmlx.plan.tasks import load_shape
 
     mlx_model, _ = load_model(LLAMA)
     torch_model = AutoModelForCausalLM.from_pretrained(str(LLAMA))

@@ -94,7 +94,7 @@ def test_4bit_generation_on_cpu_with_a_width_bitsandbytes_cannot_repack(tmp_path
     from trmlx.backend import GenerationSettings, get_backend
     from trmlx.evaluate import generate_batched
     from trmlx.recipe import load_recipe
-    from trmlx.tiny import build_tiny_llama, shipped_texts
+    from trmlx.tiny.llama import build_tiny_llama, shipped_texts
 
     model = build_tiny_llama(tmp_path / "m", shipped_texts(REPO / "recipes" / "data" / "en_tr"), hidden_size=128,
                              intermediate_size=352, num_heads=4, num_kv_heads=4)

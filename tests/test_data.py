@@ -178,7 +178,7 @@ def test_template_with_unknown_column(write):
 def test_unknown_suffix_and_missing_file(write, tmp_path):
     assert error_of(read_rows, write("a.xlsx", "x")) == [
         f"{tmp_path / 'a.xlsx'}: unknown data format .xlsx; expected one of .jsonl, .ndjson, .json, .csv, .tsv, "
-        ".parquet or a datasets save_to_disk folder"]
+        ".parquet, a datasets save_to_disk folder or a folder in hub layout"]
     assert error_of(read_rows, tmp_path / "nope.jsonl") == [f"{tmp_path / 'nope.jsonl'}: data file not found"]
 
 

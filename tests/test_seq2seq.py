@@ -29,7 +29,7 @@ def train(tmp_path, name, backend, extra=()):
 
 
 def test_tiny_mt5_is_rebuilt_byte_for_byte(tmp_path):
-    from trmlx.tiny_t5 import DEFAULT_DATA, build_tiny_t5, shipped_texts
+    from trmlx.tiny.t5 import DEFAULT_DATA, build_tiny_t5, shipped_texts
 
     built = build_tiny_t5(tmp_path / "t5", shipped_texts([REPO / d for d in DEFAULT_DATA]))
     committed = REPO / "recipes" / "models" / "tiny-mt5-tr"

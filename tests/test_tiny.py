@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from trmlx.tiny import build_tiny_llama, shipped_texts, train_tokenizer
+from trmlx.tiny.llama import build_tiny_llama, shipped_texts
+from trmlx.tiny.tokenizer import train_tokenizer
 
 MODEL = REPO / "recipes" / "models" / "tiny-llama-tr"
 DATA = REPO / "recipes" / "data" / "en_tr"
@@ -73,7 +74,7 @@ def test_tokenizer_training_is_order_independent(tokenizer):
 
 
 def test_building_imports_neither_torch_nor_mlx(tmp_path):
-    code = ("import sys; from trmlx.tiny import main; main([sys.argv[1]]); "
+    code = ("import sys; from trmlx.tiny.llama import main; main([sys.argv[1]]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlx', 'mlx_lm')))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
                          check=True, cwd=REPO)

@@ -15,9 +15,11 @@ from trmlx.errors import UserError
 from trmlx.recipe.schema import BACKEND_NAMES, EvalConfig, Recipe
 from trmlx.report import StepReport
 
-# Backend name -> (module, extra that installs it). Modules live in backends/<name>, installed as trmlx.backends;
-# each backend's extra has its name.
+# Backend name -> (package, extra that installs it). Packages live in backends/<name>, installed as
+# trmlx.backends; each backend's extra has its name. A backend's embedding half is its `embed` module, whose
+# dependencies (sentence-transformers on CUDA) the `embed` extra adds.
 REGISTRY: dict[str, tuple[str, str]] = {name: (f"trmlx.backends.{name}", name) for name in BACKEND_NAMES}
+EMBED_EXTRAS: dict[str, str] = {"cuda": "cuda,embed"}  # backends whose embedding half needs more than their extra
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,60 @@ class Backend(Protocol):
         ...
 
 
-def get_backend(name: str) -> Backend:
-    """Import and construct a backend by name; a missing install is a one-line error, not a traceback."""
+class Embedder(Protocol):
+    """A loaded encoder, as a backend's embedding half returns it."""
+
+    dtype: str
+
+    def limit(self, max_length: int) -> int:
+        """The longest text the model takes given a requested limit (its position table caps it)."""
+        ...
+
+    def encode(self, texts: Sequence[str], max_length: int, batch_size: int = 32) -> Any:
+        """Pooled embeddings of texts truncated to max_length tokens, one row per text."""
+        ...
+
+
+class EmbeddingBackend(Protocol):
+    """What `trmlx train/eval/search/bench` call for task = "embedding"; backends/<name>/embed.py implement it."""
+
+    def device_name(self) -> str:
+        ...
+
+    def load(self, recipe: Recipe, path: str | Path | None = None, train: bool = False) -> Embedder:
+        """The encoder of model.path (or a saved RUN/model folder at `path`), LoRA attached when training."""
+        ...
+
+    def train_loop(self, model: Embedder, recipe: Recipe, train_set: Sequence[Any], valid_set: Sequence[Any],
+                   run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
+        """Contrastive training, checkpointing into run_dir; one report per logged step or evaluation."""
+        ...
+
+    def save(self, model: Embedder, recipe: Recipe, path: Path) -> None:
+        """Write a sentence-transformers folder both backends (and sentence-transformers) load."""
+        ...
+
+
+def _import(name: str, module: str, extra: str) -> Any:
     if name not in REGISTRY:
         raise UserError(f"--backend: unknown backend {name!r}; expected one of {', '.join(REGISTRY)}")
-    module_name, extra = REGISTRY[name]
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module)
     except ImportError as err:
-        raise UserError(f"--backend {name}: cannot import {err.name or module_name} ({err}); install it with "
+        raise UserError(f"--backend {name}: cannot import {err.name or module} ({err}); install it with "
                         f"pip install 'trmlx[{extra}]'") from None
+
+
+def get_embedding_backend(name: str) -> EmbeddingBackend:
+    """A backend's embedding half (its embed module), from the same registry; a missing install is one line."""
+    package = REGISTRY[name][0] if name in REGISTRY else name
+    return _import(name, f"{package}.embed", EMBED_EXTRAS.get(name, name))
+
+
+def get_backend(name: str) -> Backend:
+    """Import and construct a backend by name; a missing install is a one-line error, not a traceback."""
+    package, extra = REGISTRY.get(name, (name, name))
+    module = _import(name, package, extra)
     if not hasattr(module, "create_backend"):
         raise UserError(f"--backend {name}: this version of trmlx does not include the {name} training backend yet")
     return module.create_backend()

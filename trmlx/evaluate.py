@@ -75,14 +75,14 @@ class StreamDecoder:
 
 
 def encode_prompts(records: Sequence[Record], recipe: Recipe, tokenizer: Any) -> tuple[list[str], list[list[int]],
-                                                                                         list[str]]:
-    """Prompt texts, their token ids (exactly as in training) and reference texts."""
+                                                                                         list[str | list[str]]]:
+    """Prompt texts, their token ids (exactly as in training) and references (a list where a row has several)."""
     prompts, ids, references = [], [], []
     for record in records:
-        prompt, target = format_example(record, recipe, tokenizer)
+        prompt, _ = format_example(record, recipe, tokenizer)
         prompts.append(prompt)
         ids.append(encode_prompt(prompt, tokenizer))
-        references.append(target)
+        references.append(record.reference())  # all gold answers when the row has several
     return prompts, ids, references
 
 
@@ -177,7 +177,7 @@ def evaluate_split(backend: Backend, loaded: LoadedModel, recipe: Recipe, record
                      "origin": record.origin})
     atomic_write(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     result = score_predictions(recipe, rows)
-    examples, _ = tokenize(records, recipe, tokenizer)
+    examples, _ = tokenize(records, recipe, tokenizer, require_fit=False)  # the loss is extra; predictions stand
     if examples:
         loss = backend.evaluate(loaded, examples, recipe.eval.batch_size)
         if loss["tokens"]:

@@ -1,5 +1,6 @@
 """Export decisions shared by both backends: where the merged model may be written, which adapters merge, the
-default dtype, and making a finished folder durable before it is published by rename."""
+default dtype, making a finished folder durable before it is published by rename, and the adapter in mlx-lm's
+format (no backend needed: the adapter's tensors are rearranged, not computed)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from trmlx.errors import UserError
+
+if TYPE_CHECKING:
+    from trmlx.recipe import Recipe
 
 HF_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -84,3 +88,47 @@ def publishing(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def block_count(model_path: str) -> int | None:
+    """The base model's number of transformer blocks from its config.json (a local folder or the hub cache; nothing
+    is downloaded), None when it cannot be read."""
+    local = Path(model_path) / "config.json"
+    if not local.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_path, "config.json")
+        except Exception:  # not a repo id, or no hub library: the count is simply unknown
+            return None
+        if not isinstance(cached, str):
+            return None
+        local = Path(cached)
+    try:
+        config = json.loads(local.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # multimodal configs keep the language model's own
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def export_mlxlm(recipe: "Recipe", adapter: Path, out_dir: Path) -> dict[str, Any]:
+    """Write `adapter` (PEFT LoRA/DoRA) in mlx-lm's format at out_dir: adapters.safetensors + adapter_config.json,
+    read by `mlx_lm.generate --adapter-path OUT_DIR`, `mlx_lm.server` and `mlx_lm.fuse`."""
+    from trmlx import mlxlm
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    if recipe.task != "causal":
+        raise UserError(f"--format mlx-lm: mlx-lm adapts causal language models; this run's task is {recipe.task!r} "
+                        "(use the merged export)")
+    with publishing(out_dir) as tmp:
+        config = mlxlm.peft_to_mlxlm(adapter, tmp, recipe.model.path, block_count(recipe.model.path))
+    params = config["lora_parameters"]
+    return {"out": str(out_dir), "format": "mlx-lm", "base": recipe.model.path, "adapter": str(adapter),
+            "method": config["fine_tune_type"], "rank": params["rank"], "scale": params["scale"],
+            "num_layers": config["num_layers"], "keys": params["keys"],
+            "files": sorted([mlxlm.MLXLM_WEIGHTS, mlxlm.CONFIG_FILE])}

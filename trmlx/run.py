@@ -19,7 +19,7 @@ from trmlx.data.examples import tokenize
 from trmlx.distributed import is_main, world_size
 from trmlx.errors import TrainingInterrupted, UserError
 from trmlx.integrity import adapter_problem, disk_error, disk_fault, ensure_writable, replace_folder
-from trmlx.plan import resolve_batch
+from trmlx.plan.tasks import resolve_batch
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
 from trmlx.report import MetricsLogger, StepReport, plot_losses, read_log
 from trmlx.rundir import (RunDir, check_output, create_run_dir, default_run_path, environment_record, mark_failed,
@@ -60,7 +60,7 @@ def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport,
     started = [False]  # set once the training loop runs: a resumed run that fails from then on is a failed run
     try:
         if setup.recipe.task == "embedding":  # contrastive training of an encoder: its own flow, same run dir
-            from trmlx.embedding import train_embedding
+            from trmlx.embedding.flow import train_embedding
 
             return train_embedding(setup, backend_name, on_report, on_start)
         return _train(setup, backend_name, on_report, on_start, started)
@@ -85,7 +85,7 @@ def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport
     data = prepare_data(recipe)
     loaded = backend.load(recipe)
     train_set, train_stats = tokenize(data.train, recipe, loaded.tokenizer)
-    valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer)
+    valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer, split="valid")
     steps = total_steps(recipe.train, math.ceil(len(train_set) / recipe.train.batch_size / world_size()))
     main = is_main()  # in a data-parallel launch only rank 0 writes files
     if resumed and resumed.step >= steps and not resumed.pending:

@@ -21,9 +21,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from trmlx.embedding import EmbeddingExample, QueryWindow, UniqueBatchCursor, max_lengths, model_path, steps_for
-from trmlx.embedding import unique_text_batches
+from trmlx.embedding.batches import QueryWindow, UniqueBatchCursor, steps_for, unique_text_batches
+from trmlx.embedding.examples import EmbeddingExample
 from trmlx.errors import TrainingInterrupted, UserError
+from trmlx.recipe.checks import model_path
 from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import Recipe
@@ -32,7 +33,7 @@ from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate
 
 from trmlx.backends.cuda.device import cpu_math, describe_device, memory
-from trmlx.backends.cuda.model import enable_checkpointing
+from trmlx.backends.cuda.model import enable_checkpointing, wrap_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,11 +145,9 @@ def _set_normalize(model: Any, normalize: bool) -> None:
 
 
 def attach_lora(model: Any, recipe: Recipe) -> None:
-    """peft LoRA/DoRA on the same linears as the MLX backend (all-linear = every linear of each block), scaled
-    alpha / r, A from trmlx.adapters.lora_a_init, B zero."""
-    from peft import LoraConfig, get_peft_model
-
-    from trmlx.adapters import layer_indices, lora_a_init, match_targets
+    """peft LoRA/DoRA on the same linears as the MLX backend (all-linear = every linear of each block), through
+    the backend's one LoRA attach (alpha / r, A from trmlx.adapters.lora_a_init, B zero)."""
+    from trmlx.adapters import layer_indices, match_targets
 
     cfg = recipe.peft
     base = model[0].auto_model
@@ -156,17 +155,8 @@ def attach_lora(model: Any, recipe: Recipe) -> None:
     linears = sorted(n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear))
     keys = match_targets(linears, cfg.targets)
     layers = layer_indices(len(blocks), cfg.layers)
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                        target_modules=[f"encoder.layer.{i}.{k}" for i in layers for k in keys],
-                        use_dora=cfg.method == "dora")
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                weight = module.lora_A["default"].weight
-                init = lora_a_init(name.removeprefix("base_model.model."), weight.shape[1], cfg.rank, recipe.train.seed)
-                weight.copy_(torch.from_numpy(init).to(weight.dtype))
-    model[0].model = peft_model
+    model[0].model = wrap_lora(base, cfg, recipe.train.seed,
+                               target_modules=[f"encoder.layer.{i}.{k}" for i in layers for k in keys])
 
 
 def make_loss(model: Any, recipe: Recipe) -> torch.nn.Module:
@@ -188,7 +178,7 @@ def make_loss(model: Any, recipe: Recipe) -> torch.nn.Module:
 def features(model: TorchEmbedder, examples: Sequence[EmbeddingExample], recipe: Recipe):
     """[queries, documents] feature dicts, and the number of real tokens in them."""
     emb = recipe.embedding
-    q_len, p_len = max_lengths(recipe)
+    q_len, p_len = recipe.embedding_lengths()
     docs = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
     columns = [model.tokenize([emb.query_prefix + e.query for e in examples], q_len),
                model.tokenize([emb.passage_prefix + d for d in docs], p_len)]
@@ -283,7 +273,7 @@ def save(model: TorchEmbedder, recipe: Recipe, path: Path) -> None:
     if model.peft:
         st[0].model = st[0].model.merge_and_unload()
         model.peft = False
-    st.max_seq_length = model.limit(max_lengths(recipe)[1])
+    st.max_seq_length = model.limit(recipe.embedding_lengths()[1])
     st.prompts = {"query": recipe.embedding.query_prefix, "document": recipe.embedding.passage_prefix}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

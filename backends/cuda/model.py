@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,22 +136,28 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def attach_lora(model: torch.nn.Module, peft_cfg: PeftConfig, seed: int) -> torch.nn.Module:
-    """peft LoRA/DoRA with PEFT scaling alpha/r; A from the core's seeded init, B zero (as on MLX)."""
-    from peft import LoraConfig, get_peft_model
-
+    """peft LoRA/DoRA with PEFT scaling alpha/r on a causal LM or T5; A from the core's seeded init, B zero."""
     seq2seq = model.config.is_encoder_decoder
     layers = layer_indices(len(transformer_blocks(model)), peft_cfg.layers) if peft_cfg.layers else None
-    config = LoraConfig(r=peft_cfg.rank, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
-                        target_modules=target_names(model, peft_cfg.targets), layers_to_transform=layers,
-                        use_dora=peft_cfg.method == "dora", task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
-                        bias="none", layers_pattern="block" if seq2seq and layers else None)
+    return wrap_lora(model, peft_cfg, seed, target_modules=target_names(model, peft_cfg.targets),
+                     layers_to_transform=layers, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
+                     layers_pattern="block" if seq2seq and layers else None)
+
+
+def wrap_lora(model: torch.nn.Module, peft_cfg: PeftConfig, seed: int, **where: Any) -> torch.nn.Module:
+    """get_peft_model with the recipe's LoRA/DoRA settings (`where`: target_modules and friends), then every A
+    from trmlx.adapters.lora_a_init, keyed by the module's path, so both backends start from the same adapter.
+    The one LoRA attach of the CUDA backend: causal, seq2seq and embedding models."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=peft_cfg.rank, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout, bias="none",
+                        use_dora=peft_cfg.method == "dora", **where)
     model = get_peft_model(model, config)
     with torch.no_grad():
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                path = name.removeprefix(_PEFT_PREFIX)
                 weight = module.lora_A["default"].weight
-                init = lora_a_init(path, weight.shape[1], peft_cfg.rank, seed)
+                init = lora_a_init(name.removeprefix(_PEFT_PREFIX), weight.shape[1], peft_cfg.rank, seed)
                 weight.copy_(torch.from_numpy(init).to(weight.dtype))
     return model
 

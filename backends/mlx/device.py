@@ -6,8 +6,9 @@ within fp32 rounding, ~15-18× the speed on two cores). So this module chooses o
 MLX import in trmlx goes through it (`backends/mlx/__init__.py` imports it first). macOS (Accelerate) is untouched.
 
 Choice, first that loads: `TRMLX_BLAS` (a library path, or `reference` to keep MLX's own), the OpenBLAS of the
-`cmeel-openblas` wheel (the Linux `mlx` extra installs it; it needs the system's libgfortran.so.5), the system's
-OpenBLAS (Debian/Ubuntu `libopenblas0-pthread`).
+`cmeel-openblas` wheel (the Linux `mlx` extra installs it; it needs the system's libgfortran.so.5; its build
+targets AVX-512 CPUs only, so it is skipped, and said why, on others), the system's OpenBLAS (Debian/Ubuntu
+`libopenblas0-pthread`, built for every x86 CPU).
 """
 
 from __future__ import annotations
@@ -35,8 +36,35 @@ def _blas_candidates() -> list[tuple[str, str]]:
         found = [("cmeel-openblas", str(wheel))]
     except PackageNotFoundError:
         found = []
-    system = [ctypes.util.find_library("openblas")] + [p for p in _SYSTEM_OPENBLAS if os.path.isfile(p)]
+    # Full paths: a bare soname ("libopenblas.so.0") would name whichever OpenBLAS is already loaded.
+    system = [p for p in _SYSTEM_OPENBLAS if os.path.isfile(p)] or [ctypes.util.find_library("openblas")]
     return found + [("system", p) for p in dict.fromkeys(system) if p]
+
+
+# OpenBLAS builds for one CPU target (not DYNAMIC_ARCH) die with SIGILL on a CPU without its instructions: the
+# cmeel-openblas 0.3.31 wheel is built for SKYLAKEX (AVX-512), and AMD EPYC Zen 2/3 machines have only AVX2.
+_TARGET_FLAGS = {"SKYLAKEX": "avx512f", "COOPERLAKE": "avx512f", "SAPPHIRERAPIDS": "avx512f", "HASWELL": "avx2",
+                 "ZEN": "avx2"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _unrunnable(config: str) -> str | None:
+    """Why this OpenBLAS build cannot run on this CPU (from its openblas_get_config()), or None."""
+    words = config.upper().split()
+    if "DYNAMIC_ARCH" in words:
+        return None
+    flags = _cpu_flags()
+    for target, flag in _TARGET_FLAGS.items():
+        if target in words and flags and flag not in flags:
+            return f"built for {target} only, and this CPU lacks {flag}"
+    return None
 
 
 def _choose_blas() -> dict[str, Any]:
@@ -47,16 +75,22 @@ def _choose_blas() -> dict[str, Any]:
         return {"blas": "reference (mlx was imported before trmlx could choose)"}
     problems = []
     for source, path in _blas_candidates():
-        try:
-            library = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+        try:  # locally first: a build this CPU cannot run must not enter the global symbol scope
+            library = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
         except OSError as err:
             problems.append(f"{source} {path}: {str(err).replace(path + ': ', '')}")
             continue
         name = "openblas"
         if hasattr(library, "openblas_get_config"):  # "OpenBLAS 0.3.31 DYNAMIC_ARCH ..." -> "OpenBLAS 0.3.31"
             library.openblas_get_config.restype = ctypes.c_char_p
-            name = " ".join(library.openblas_get_config().decode().split()[:2])
-        return {"blas": f"{name} ({source})", "blas_path": path}
+            config = library.openblas_get_config().decode()
+            name = " ".join(config.split()[:2])
+            if (why := _unrunnable(config)) is not None:
+                problems.append(f"{source} {path}: {why}")
+                continue
+        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)  # the same library, now global: it serves MLX's cblas calls
+        return {"blas": f"{name} ({source})", "blas_path": path, **({"blas_problems": "; ".join(problems)}
+                                                                   if problems else {})}
     info: dict[str, Any] = {"blas": "reference (netlib)"}
     if problems:
         info["blas_problems"] = "; ".join(problems)

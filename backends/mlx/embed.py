@@ -25,9 +25,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from trmlx.embedding import EmbeddingExample, QueryWindow, UniqueBatchCursor, max_lengths, model_path, steps_for
-from trmlx.embedding import unique_text_batches
+from trmlx.embedding.batches import QueryWindow, UniqueBatchCursor, steps_for, unique_text_batches
+from trmlx.embedding.examples import EmbeddingExample
 from trmlx.errors import TrainingInterrupted, UserError
+from trmlx.recipe.checks import model_path
 from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
 from trmlx.recipe.schema import PeftConfig, Recipe
 from trmlx.report import StepReport
@@ -129,7 +130,7 @@ class TextBatch:
 
 def text_batch(model: MLXEmbedder, examples: Sequence[EmbeddingExample], recipe: Recipe) -> TextBatch:
     emb = recipe.embedding
-    q_len, p_len = max_lengths(recipe)
+    q_len, p_len = recipe.embedding_lengths()
     docs = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
     queries = model.encoder.tokenize([emb.query_prefix + e.query for e in examples], model.limit(q_len))
     documents = model.encoder.tokenize([emb.passage_prefix + d for d in docs], model.limit(p_len))
@@ -331,7 +332,7 @@ def save(model: MLXEmbedder, recipe: Recipe, path: Path) -> None:
                         "type": "sentence_transformers.models.Normalize"})
     atomic_write(tmp / "modules.json", json.dumps(modules, indent=2))
     atomic_write(tmp / "sentence_bert_config.json", json.dumps(
-        {"max_seq_length": model.limit(max_lengths(recipe)[1]), "do_lower_case": encoder.do_lower_case}, indent=2))
+        {"max_seq_length": model.limit(recipe.embedding_lengths()[1]), "do_lower_case": encoder.do_lower_case}, indent=2))
     modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
     pooling = {"word_embedding_dimension": encoder.dimension, **{key: encoder.pooling == mode
                                                                   for mode, key in modes.items()},

@@ -201,7 +201,7 @@ class TokenDataset:
 
 
 def _positions(seq_len: int) -> int:
-    from trmlx.plan import padded_positions
+    from trmlx.plan.causal import padded_positions
 
     return padded_positions(seq_len)
 
@@ -233,7 +233,7 @@ PEER_NEEDS = {"mlx-lm": ("mlx_lm",), "hf": ("transformers", "peft", "accelerate"
 
 
 def spec_fields(recipe: Any, shape: Any, seq_len: int) -> dict[str, Any]:
-    from trmlx.plan import target_names
+    from trmlx.plan.causal import target_names
 
     return {"lora_layers": recipe.peft.layers or shape.num_layers,
             "lora_keys": target_names(shape, recipe.peft.targets)}

@@ -93,7 +93,7 @@ def step_flops(spec: dict[str, Any], shape: Any, full: bool) -> float:
 def _shape(spec: dict[str, Any]) -> Any:
     import json
 
-    from trmlx.plan_embedding import EncoderShape
+    from trmlx.plan.embedding import EncoderShape
 
     return EncoderShape.from_config(json.loads((Path(spec["model_dir"]) / "config.json").read_text()))
 
@@ -102,10 +102,11 @@ def _shape(spec: dict[str, Any]) -> Any:
 
 def worker_trmlx(spec: dict[str, Any]) -> dict[str, Any]:
     """trmlx's embed load + train_loop on the synthetic rows, then timed encoding (the workers' raw format)."""
-    from trmlx.embedding import EmbeddingExample, embed_module
+    from trmlx.backend import get_embedding_backend
+    from trmlx.embedding.examples import EmbeddingExample
     from trmlx.recipe import load_recipe
 
-    module = embed_module(spec["backend"])
+    module = get_embedding_backend(spec["backend"])
     probe = Probe(spec["backend"])
     recipe = load_recipe(spec["recipe"], embed_overrides(spec), backend=spec["backend"])
     matmul = measure_matmul(spec["backend"]) if spec.get("measure_matmul") else None
@@ -240,16 +241,12 @@ PEER_NEEDS = {"sentence-transformers": ("sentence_transformers", "datasets", "ac
 
 def default_seq_len(recipe: Any) -> int:
     """bench's --seq-len for embedding recipes is the passage length: the recipe's when not given."""
-    from trmlx.embedding import max_lengths
-
-    return max_lengths(recipe)[1]
+    return recipe.embedding_lengths()[1]
 
 
 def spec_fields(recipe: Any, shape: Any, seq_len: int) -> dict[str, Any]:
-    from trmlx.embedding import max_lengths
-
     emb = recipe.embedding
-    return {"query_len": min(max_lengths(recipe)[0], seq_len), "passage_len": seq_len,
+    return {"query_len": min(recipe.embedding_lengths()[0], seq_len), "passage_len": seq_len,
             "num_negatives": 0 if emb.negatives == "none" else emb.num_negatives,
             "mini_batch_size": emb.mini_batch_size}
 

@@ -28,8 +28,10 @@ from typing import Any, Callable, Sequence
 from trmlx.bench.harness import run_worker, scaled, slug, spread, summarise
 from trmlx.bench.report import plot
 from trmlx.errors import UserError
-from trmlx.model_shape import PRESETS, ModelShape, load_shape
-from trmlx.plan import GB, make_target, plan_recipe
+from trmlx.plan.base import GB, detect_kind, make_target
+from trmlx.plan.causal import ModelShape
+from trmlx.plan.config import PRESETS
+from trmlx.plan.tasks import load_shape, plan_recipe
 
 BACKEND_NEEDS = {"mlx": ("mlx", "mlx_lm"), "cuda": ("torch", "transformers", "peft")}
 GPU_PARAMETERS = 1e9  # a model this big on a CPU would take hours per step: refuse it
@@ -59,7 +61,6 @@ def run_bench(recipe_path: str, *, backends: Sequence[str] | None = None, steps:
     first = recipes[backends[0]]
     task = bench_task(first.task)
     shape = load_shape(first, model_shape)
-    from trmlx.plan import detect_kind
 
     kinds = {b: detect_kind(b) for b in backends}
     if shape.parameters() > GPU_PARAMETERS and any(k == "cpu" for k in kinds.values()):
@@ -213,10 +214,12 @@ def build_random_model(out: Path, config: dict[str, Any], seed: int = 0) -> None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trmlx.tiny import llama_config, save_tokenizer, train_tokenizer
+    from trmlx.tiny.llama import llama_config
+
+    from trmlx.tiny.tokenizer import save_tokenizer, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    if config.get("model_type", "llama") == "llama":  # spelled out like trmlx.tiny (special-token ids included)
+    if config.get("model_type", "llama") == "llama":  # spelled out like trmlx.tiny.llama (special-token ids included)
         h, heads = config["hidden_size"], config["num_attention_heads"]
         full = {**llama_config(vocab_size=config["vocab_size"], hidden_size=h, num_layers=config["num_hidden_layers"],
                                num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,

@@ -43,7 +43,8 @@ def synthetic_examples(spec: dict[str, Any]) -> list:
 
 
 def _shape(spec: dict[str, Any]):
-    from trmlx.plan_seq2seq import Seq2SeqShape, padded
+    from trmlx.plan.base import padded
+    from trmlx.plan.seq2seq import Seq2SeqShape
 
     config = json.loads((Path(spec["model_dir"]) / "config.json").read_text())
     return Seq2SeqShape.from_config(config, spec["model_dir"]), padded

@@ -62,6 +62,12 @@ def _render(results: list[dict[str, Any]]) -> None:
                 table.add_row(split, task or "-", str(rows), _fmt(lengths.get("input_chars"), 3),
                               _fmt(lengths.get("target_chars"), 3), _fmt(lengths.get("tokens"), 4))
         console.print(table)
+        if s.get("dataset"):
+            ds = s["dataset"]
+            taken = ", ".join(f"{ours} ← {v['split']} ({v['rows']:,} rows)" for ours, v in ds["splits"].items())
+            config = f" ({ds['config']})" if ds["config"] else ""
+            console.print(f"  dataset {ds['name']}{config}: {taken}; splits present: {', '.join(ds['available'])}",
+                          highlight=False)
         for m in s["mixture"]:
             console.print(f"  mixture: {m['task']}: {m['rows']} rows × {m['upsample']:g} upsample → {m['drawn']} "
                           f"drawn ({m['share']:.1%} of training)")

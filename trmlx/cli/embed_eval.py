@@ -6,7 +6,6 @@ model (`--base`, or the word `base` among the targets) and runs side by side, wi
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,19 @@ from trmlx.errors import UserError
 from trmlx.recipe.schema import BACKEND_NAMES
 
 
-
 def is_embedding_target(target: str) -> bool:
-    """Whether a RUN_DIR's recipe.toml or a RECIPE file says task = "embedding" (read, not validated)."""
+    """Whether a RUN_DIR's recipe.toml or a RECIPE file is an embedding recipe: its task as the recipe loader reads
+    it, the schema's default when unset (validation comes later, on the path that target takes)."""
+    from trmlx.recipe.load import read_toml
+    from trmlx.recipe.schema import Recipe
+
     path = Path(target)
     recipe = path / "recipe.toml" if path.is_dir() else path
     if recipe.suffix != ".toml" or not recipe.is_file():
         return False
     try:
-        return tomllib.loads(recipe.read_text(encoding="utf-8")).get("task") == "embedding"
-    except (OSError, ValueError):
+        return read_toml(recipe).get("task", Recipe.task) == "embedding"
+    except UserError:  # not readable as TOML: the causal path reports it, with the line
         return False
 
 
@@ -49,7 +51,7 @@ def run_backend(run: Path) -> str:
 
 
 def resolve_system(target: str, backend: str | None, overrides: tuple[str, ...]) -> System:
-    from trmlx.embedding import MODEL_DIR
+    from trmlx.embedding.examples import MODEL_DIR
     from trmlx.recipe import load_recipe
 
     path = Path(target)
@@ -72,8 +74,8 @@ def evaluate_system(system: System, split: str, max_samples: int | None, batch_s
                     name: str) -> dict[str, Any]:
     """Retrieval on one split; writes out_dir/predictions/<name>.jsonl and out_dir/eval_<name>.json."""
     from trmlx.data import prepare_data
-    from trmlx.embedding import embed_module
-    from trmlx.embedding_eval import corpus_of, evaluate_retrieval, queries_of
+    from trmlx.backend import get_embedding_backend
+    from trmlx.embedding.eval import corpus_of, evaluate_retrieval, queries_of
     from trmlx.rundir import atomic_write
 
     recipe = system.recipe
@@ -86,7 +88,7 @@ def evaluate_system(system: System, split: str, max_samples: int | None, batch_s
     queries = queries_of(records)
     limit = recipe.eval.max_samples if max_samples is None else max_samples
     queries = queries[:limit] if limit else queries
-    model = embed_module(system.backend).load(recipe, system.model)
+    model = get_embedding_backend(system.backend).load(recipe, system.model)
     predictions = out_dir / "predictions" / f"{name}.jsonl"
     result = evaluate_retrieval(model, recipe, queries, corpus_of(data), predictions)
     report = out_dir / f"eval_{name}.json"
@@ -122,7 +124,7 @@ def eval_embedding(targets: tuple[str, ...], adapter: str | None, backend: str |
 def _compare(targets: list[str], backend: str | None, split: str, max_samples: int | None, batch_size: int | None,
              output: str | None, with_base: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     from trmlx.compare import plot_comparison, read_predictions, system_names
-    from trmlx.embedding_eval import compare_retrieval, retrieval_metrics
+    from trmlx.embedding.eval import compare_retrieval, retrieval_metrics
     from trmlx.rundir import atomic_write, default_run_path
 
     if len(targets) + with_base < 2:

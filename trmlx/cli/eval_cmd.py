@@ -31,12 +31,12 @@ class Target:
     adapter: Path | None
     backend: str
     run: "RunDir | None"
+    adapter_source: Path | None = None  # the folder the user named, when `adapter` is its PEFT form (mlx-lm)
 
 
 def resolve_target(target: str, adapter: str | None, backend: str | None, overrides: tuple[str, ...] = (),
                    use_adapter: bool = True) -> Target:
     """RUN_DIR (its recipe.toml, adapter/ and environment.json's backend) or RECIPE (+ optional --adapter)."""
-    from trmlx.integrity import check_adapter
     from trmlx.recipe import load_recipe
     from trmlx.rundir import RunDir
 
@@ -51,19 +51,36 @@ def resolve_target(target: str, adapter: str | None, backend: str | None, overri
         if use_adapter and not (adapter_path / "adapter_config.json").is_file():
             raise UserError(f"{adapter_path}: no adapter_config.json (has training finished?); pass --adapter DIR "
                             "or evaluate the base model with the recipe file")
-        if use_adapter:
-            check_adapter(adapter_path, f"trmlx train --resume {run.path} writes it again from the last checkpoint"
-                          if not adapter else "expected a complete PEFT adapter folder")
-        return Target(load_recipe(run.recipe, overrides, chosen), adapter_path if use_adapter else None, chosen, run)
+        hint = (f"trmlx train --resume {run.path} writes it again from the last checkpoint" if not adapter
+                else "expected a complete PEFT adapter folder")
+        return _with_adapter(load_recipe(run.recipe, overrides, chosen), adapter_path if use_adapter else None,
+                             chosen, run, hint)
     if path.is_file():
         chosen = backend or "mlx"
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {adapter}: no adapter_config.json; expected a PEFT adapter folder")
-        if adapter and use_adapter:
-            check_adapter(Path(adapter), "expected a complete PEFT adapter folder")
-        return Target(load_recipe(path, overrides, chosen), Path(adapter) if adapter and use_adapter else None,
-                      chosen, None)
+            raise UserError(f"--adapter {adapter}: no adapter_config.json; expected a PEFT adapter folder or an "
+                            "mlx-lm one (adapters.safetensors + adapter_config.json)")
+        return _with_adapter(load_recipe(path, overrides, chosen), Path(adapter) if adapter and use_adapter else None,
+                             chosen, None, "expected a complete PEFT adapter folder")
     raise UserError(f"{target}: no such run directory or recipe file")
+
+
+def _with_adapter(recipe: "Recipe", adapter: Path | None, backend: str, run: "RunDir | None",
+                  hint: str = "") -> Target:
+    """The Target; an mlx-lm adapter is converted to its PEFT form here, once, so both backends load it as usual.
+    A PEFT adapter cut off by a kill or a full disk is a one-line error here, before any model loads."""
+    from trmlx import mlxlm
+    from trmlx.integrity import check_adapter
+
+    if adapter is None:
+        return Target(recipe, adapter, backend, run)
+    if not mlxlm.is_mlxlm_adapter(adapter):
+        check_adapter(adapter, hint)
+        return Target(recipe, adapter, backend, run)
+    if recipe.task != "causal":
+        raise UserError(f"{adapter}: an mlx-lm adapter is for a causal language model; this recipe's task is "
+                        f"{recipe.task!r}")
+    return Target(recipe, mlxlm.as_peft_adapter(adapter), backend, run, adapter_source=adapter)
 
 
 def _run_backend(run: "RunDir") -> str:
@@ -106,7 +123,8 @@ def _render(result: dict[str, Any]) -> None:
 @click.command("eval")
 @click.argument("targets", nargs=-1, required=True, metavar="RUN_DIR|RECIPE...")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
-              help="PEFT adapter folder (default RUN_DIR/adapter; with a RECIPE and no --adapter: the base model).")
+              help="PEFT or mlx-lm adapter folder (default RUN_DIR/adapter; with a RECIPE and no --adapter: the base "
+                   "model).")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Framework to run on (default: the run's backend from environment.json, else mlx).")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
@@ -177,7 +195,7 @@ def _evaluate(resolved: Target, split: str, max_samples: int | None, batch_size:
         result = evaluate_split(runner, loaded, recipe, records, predictions, limit, progress=update)
     report = out_dir.path / f"eval_{name}.json"
     result = {"split": split, "backend": resolved.backend, "recipe": recipe.name,
-              "adapter": str(resolved.adapter) if resolved.adapter else None, **result,
+              "adapter": str(resolved.adapter_source or resolved.adapter) if resolved.adapter else None, **result,
               "predictions": str(predictions), "report": str(report)}
     atomic_write(report, json.dumps(result, indent=2, ensure_ascii=False))
     return result

@@ -74,7 +74,7 @@ def _complete(backend: "Backend", loaded: "LoadedModel", ids: list[int], setting
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="A model folder to use without a run (no adapter, prompt used as written).")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
-              help="PEFT adapter folder (default RUN_DIR/adapter).")
+              help="PEFT or mlx-lm adapter folder (default RUN_DIR/adapter).")
 @click.option("--no-adapter", is_flag=True, help="Use the base model of the run, without its adapter.")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is: no template, prefix or chat formatting.")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,

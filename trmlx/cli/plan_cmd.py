@@ -26,12 +26,12 @@ def plan(recipe: str, backend: str, budget: str | None, model_shape: str | None,
          batch_size: int | None, grad_checkpoint: bool | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Predict the peak memory of training (and eval generation) of RECIPE on a backend, broken down."""
     from trmlx.errors import UserError
-    from trmlx.plan import PLANNERS, fit, load_shape, make_target, parse_size, plan_recipe
+    from trmlx.plan.base import make_target
+    from trmlx.plan.tasks import fit, load_shape, plan_recipe
+    from trmlx.recipe.checks import parse_size
     from trmlx.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides, backend)
-    if loaded.task not in PLANNERS:
-        raise UserError(f"plan covers {', '.join(PLANNERS)} recipes; {recipe} is a {loaded.task} recipe")
     shape = load_shape(loaded, model_shape)
     target = make_target(loaded, backend, shape, device)
     size = budget or loaded.train.memory_budget or None

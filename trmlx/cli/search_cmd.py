@@ -59,13 +59,11 @@ def model_fingerprint(model: Path | str) -> list[Any]:
 
 
 def index_key(texts: Sequence[str], model: Path | str, recipe: Any) -> str:
-    from trmlx.embedding import max_lengths
-
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
     settings = {"texts": digest.hexdigest(), "model": model_fingerprint(model), "pooling": recipe.embedding.pooling,
-                "prefix": recipe.embedding.passage_prefix, "max_length": max_lengths(recipe)[1]}
+                "prefix": recipe.embedding.passage_prefix, "max_length": recipe.embedding_lengths()[1]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -127,7 +125,8 @@ def search(target: str, queries: tuple[str, ...], corpus: str, column: str | Non
     import numpy as np
 
     from trmlx.cli.embed_eval import is_embedding_target, resolve_system
-    from trmlx.embedding import embed_module, encode
+    from trmlx.backend import get_embedding_backend
+    from trmlx.embedding.examples import encode
 
     if not is_embedding_target(target):
         if not Path(target).exists():
@@ -140,7 +139,7 @@ def search(target: str, queries: tuple[str, ...], corpus: str, column: str | Non
     chosen = choose_engine(engine, len(texts))
     folder = Path(index_dir) if index_dir else (system.run / "index" if system.run else Path(corpus).parent)
     cache = folder / f"{Path(corpus).stem}-{index_key(texts, model_source, recipe)}.npy"
-    model = embed_module(system.backend).load(recipe, None if model_source == recipe.model.path else model_source)
+    model = get_embedding_backend(system.backend).load(recipe, None if model_source == recipe.model.path else model_source)
     reused = cache.is_file()
     if reused:
         vectors = np.load(cache)

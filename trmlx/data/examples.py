@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from trmlx.data.fields import render as render_fields
 from trmlx.data.prepare import Record
 from trmlx.errors import UserError
 from trmlx.recipe.schema import Recipe
@@ -31,8 +32,8 @@ class Example:
 
 
 def render(template: str, fields: dict[str, Any]) -> str:
-    """Fill {column} placeholders; the data layer has already checked that every placeholder exists."""
-    return template.format_map(fields)
+    """Fill {column} and {nested.path} placeholders; the data layer has already checked that every one exists."""
+    return render_fields(template, fields)
 
 
 def format_example(record: Record, recipe: Recipe, tokenizer: Any = None) -> tuple[str, str]:
@@ -64,17 +65,24 @@ def _chat_prompt(messages: list[dict[str, str]], tokenizer: Any, origin: str) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any) -> tuple[list[Example], Counter]:
-    """Tokenise records with the recipe's truncation policy; returns examples and counts of what was cut."""
+def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any, split: str = "train",
+             require_fit: bool = True) -> tuple[list[Example], Counter]:
+    """Tokenise records with the recipe's truncation policy; returns examples and counts of what was cut.
+
+    With `require_fit`, rows of which none fits data.max_length are an error that gives the numbers.
+    """
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.path: the tokenizer of {recipe.model.path} has no EOS token; training needs one "
                         "to teach the model to stop")
     examples, stats = [], Counter()
     data = recipe.data
+    shortest = [10**9] * 3  # shortest prompt, target and prompt + target in tokens: the numbers for the error
     for record in records:
         prompt, target = format_example(record, recipe, tokenizer)
         prompt_ids = encode_prompt(prompt, tokenizer)
         target_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+        shortest = [min(a, b) for a, b in zip(shortest, (len(prompt_ids), len(target_ids),
+                                                         len(prompt_ids) + len(target_ids)))]
         if recipe.task == "seq2seq":
             long = len(prompt_ids) > data.max_length or len(target_ids) > data.max_target_length
             if long and data.too_long == "drop":
@@ -94,7 +102,24 @@ def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any) -> tuple
             stats["truncated"] += 1
             ids = ids[: data.max_length]
         examples.append(Example(tuple(ids), len(prompt_ids), (), record.task))
+    if records and not examples and require_fit:
+        raise UserError(_nothing_fits(recipe, len(records), split, *shortest))
     return examples, stats
+
+
+def _nothing_fits(recipe: Recipe, rows: int, split: str, prompt: int, target: int, total: int) -> str:
+    """Why every row was dropped at data.max_length, with the token counts needed to fix it."""
+    data = recipe.data
+    head = f"data.max_length = {data.max_length}: none of the {rows} {split} rows fits"
+    if recipe.task == "seq2seq":
+        return (f"{head} with too_long = \"drop\": the shortest input is {prompt} tokens, the shortest target "
+                f"{target} (max_target_length {data.max_target_length}); raise the limits or set data.too_long = "
+                "\"truncate\"")
+    if data.too_long == "drop":
+        return (f"{head}: the shortest prompt + target is {total} tokens; raise data.max_length to at least "
+                f"{total} or set data.too_long = \"truncate\"")
+    return (f"{head}: the shortest prompt is {prompt} tokens, which leaves no room for the target; raise "
+            f"data.max_length above {prompt} (the shortest prompt + target is {total})")
 
 
 def encode_prompt(prompt: str, tokenizer: Any) -> list[int]:

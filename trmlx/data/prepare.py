@@ -4,20 +4,22 @@ duplicates, filters, ratio splits and multitask mixtures — with every count ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from trmlx.data.readers import Row, read_hub_rows, read_rows
+from trmlx.data.fields import MISSING, columns_of, get_path, is_empty, placeholders, render
+from trmlx.data.readers import Row, read_rows
 from trmlx.errors import UserError
 from trmlx.recipe.schema import OPTIONAL_ROLES, ROLE_COLUMNS, TASK_LAYOUTS, Recipe, TaskConfig
 
 SPLITS = ("train", "valid", "test")
 _NEGATIVE_COLUMN = re.compile(r"^negative(\d+)$")
+_LIST_TARGETS = ("target", "completion")  # roles that may hold several gold answers (SQuAD's answers.text)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,11 @@ class Record:
     fields: dict[str, Any]
     origin: str
     task: str = ""
+    references: tuple[str, ...] = ()  # every gold answer when the target column held a list (SQuAD answers.text)
+
+    def reference(self) -> str | list[str]:
+        """What metrics score against: all gold answers (best match counts, as in SQuAD), else the target."""
+        return list(self.references) if len(self.references) > 1 else target_of(self)
 
 
 @dataclass
@@ -41,6 +48,8 @@ class DataReport:
     deduplicated: bool = False
     overlap: Counter = field(default_factory=Counter)  # split -> rows whose input also appears in train
     mixture: list[dict[str, Any]] = field(default_factory=list)
+    multi_reference: Counter = field(default_factory=Counter)  # split -> rows with several gold answers
+    dataset: dict[str, Any] = field(default_factory=dict)  # data.dataset: name and rows read per split
 
     def warnings(self) -> list[str]:
         notes = [f"dropped {n} rows with an empty '{role}' field" for role, n in self.empty_dropped.items()]
@@ -51,6 +60,8 @@ class DataReport:
             action = "removed" if self.deduplicated else "kept (set data.dedup = true to remove)"
             notes.append(f"{n} exact duplicate rows in {split}, {action}")
         notes += [f"{n} {split} rows have an input that also appears in train" for split, n in self.overlap.items()]
+        notes += [f"{n} {split} rows have several reference answers: training uses the first, metrics take the best "
+                  "match" for split, n in self.multi_reference.items()]
         return notes
 
 
@@ -78,6 +89,11 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     valid = [r for splits in per_task.values() for r in splits["valid"]]
     test = [r for splits in per_task.values() for r in splits["test"]]
     seen = {input_text(r) for r in train}
+    unmixed = [r for splits in per_task.values() for r in splits["train"]]
+    for split, records in (("train", unmixed), ("valid", valid), ("test", test)):
+        several = sum(len(r.references) > 1 for r in records)
+        if several:
+            report.multi_reference[split] = several
     for split, records in (("valid", valid), ("test", test)):
         overlap = sum(input_text(r) in seen for r in records)
         if overlap:
@@ -85,6 +101,12 @@ def prepare_data(recipe: Recipe) -> PreparedData:
         for r in records:
             report.rows[split][r.task] += 1
     return PreparedData(train, valid, test, report)
+
+
+def target_of(record: Record) -> str:
+    """The text trained on as the answer (the first gold answer when there are several)."""
+    f = record.fields
+    return f.get("target", f.get("completion", f.get("positive", "")))
 
 
 def input_text(record: Record) -> str:
@@ -101,14 +123,13 @@ def _load_task(recipe: Recipe, task: TaskConfig, report: DataReport) -> dict[str
     columns = {**data.columns, **task.columns}
     template = task.template or data.template
     loaded: dict[str, list[Record]] = {}
+    hub = _read_dataset(data, task, report) if data.dataset else {}
     for split in SPLITS:
         files = getattr(task, split)
         files = [files] if isinstance(files, str) else files
-        rows: list[Row] = []
-        if split == "train" and data.dataset:
-            rows = read_hub_rows(data.dataset, data.dataset_config, data.dataset_split)
+        rows: list[Row] = list(hub.get(split, []))
         for path in filter(None, files):
-            rows += read_rows(path, split={"valid": "validation"}.get(split, split))
+            rows += read_rows(path, split=split)
         loaded[split] = _clean(recipe, task, split, _to_records(recipe.task, rows, columns, template, task.name),
                                report)
     # Ratios are shares of the whole training file, cut from one seeded shuffle so the splits are disjoint.
@@ -125,41 +146,65 @@ def _load_task(recipe: Recipe, task: TaskConfig, report: DataReport) -> dict[str
     return loaded
 
 
+def _read_dataset(data: Any, task: TaskConfig, report: DataReport) -> dict[str, list[Row]]:
+    """The data.dataset splits that feed our splits: train always, valid/test only where no files are given."""
+    from trmlx.data.hub import read_dataset_splits
+
+    wanted = {"train": data.dataset_split,
+              "valid": "" if task.valid else data.dataset_valid_split,
+              "test": "" if task.test else data.dataset_test_split}
+    splits = read_dataset_splits(data.dataset, data.dataset_config, wanted)
+    report.dataset = {"name": data.dataset, "config": data.dataset_config, "available": splits.available,
+                      "splits": {ours: {"split": splits.source[ours], "rows": len(splits.rows[ours])}
+                                 for ours in SPLITS if ours in splits.source}}
+    return splits.rows
+
+
 def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: str, task: str) -> list[Record]:
-    """Map columns to roles and check types; every problem names the file and line."""
+    """Map columns (dotted paths reach into nested objects) to roles and check types; every problem names the
+    file and line."""
     if not rows:
         return []
-    header = list(dict.fromkeys(k for row in rows[:50] for k in row.values))
+    header = list(dict.fromkeys(k for row in rows[:50] for k in columns_of(row.values)))
     roles = _resolve_roles(kind, header, mapping, rows[0].origin, bool(template))
     negative_columns = sorted((c for c in header if _NEGATIVE_COLUMN.match(c)),
                               key=lambda c: int(_NEGATIVE_COLUMN.match(c).group(1)))
-    placeholders = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    unknown = placeholders - set(header) - set(roles)
+    used = placeholders(template)
+    unknown = [name for name in used if name not in header and name not in roles
+               and all(get_path(row.values, name) is MISSING for row in rows[:50])]  # e.g. {answers.text.0}
     if unknown:
         file = rows[0].origin.rsplit(":", 1)[0]
-        raise UserError(f"{file}: the template uses {{{sorted(unknown)[0]}}} but there is no such column; "
+        raise UserError(f"{file}: the template uses {{{unknown[0]}}} but there is no such column; "
                         f"columns present: {', '.join(header)}")
     records, errors = [], []
     for row in rows:
-        values = dict(row.values)
+        values, references = dict(row.values), ()
         for role, column in roles.items():
-            if column not in row.values and role == "negatives":  # per row: a row without the field has none
+            value = get_path(row.values, column)
+            if value is MISSING and role == "negatives":  # per row: a row without the field has none
                 continue
-            if column not in row.values:
+            if value is MISSING:
                 errors.append(f"{row.origin}: missing field '{column}'" + _role_note(role, column))
                 break
-            problem = _type_problem(role, row.values[column])
+            problem = _type_problem(role, value)
             if problem:
                 errors.append(f"{row.origin}: field '{column}' {problem}")
                 break
-            values[role] = row.values[column]
+            if role in _LIST_TARGETS and isinstance(value, list):  # several gold answers: train on the first
+                references = tuple(dict.fromkeys(v for v in value if v and v.strip()))
+                value = references[0] if references else ""
+            values[role] = value
         else:
+            missing = next((name for name in used if get_path(values, name) is MISSING), None)
+            if missing:  # a late row may lack a column the first rows had
+                errors.append(f"{row.origin}: missing field '{missing}' (used by the template)")
+                continue
             for role in TASK_LAYOUTS[kind][0][:1]:
                 if role not in roles:  # the template builds this role from other columns
-                    values[role] = template.format_map(values)
+                    values[role] = render(template, values)
             if negative_columns and "negatives" not in roles:
                 values["negatives"] = [row.values[c] or "" for c in negative_columns]
-            records.append(Record(values, row.origin, task or str(values.get("task", "") or "")))
+            records.append(Record(values, row.origin, task or str(values.get("task", "") or ""), references))
         if len(errors) > 20:
             break
     if errors:
@@ -175,7 +220,7 @@ def _resolve_roles(kind: str, header: list[str], mapping: dict[str, str], origin
     With a template, the layout's input role (source, input, ...) may be missing: the template builds it.
     """
 
-    def column_for(role: str) -> str | None:
+    def column_for(role: str) -> str | None:  # header holds nested paths too (translation.en)
         if role in mapping:
             return mapping[role]
         return next((c for c in ROLE_COLUMNS.get(role, (role,)) if c in header), None)
@@ -216,6 +261,10 @@ def _type_problem(role: str, value: Any) -> str | None:
         return None if ok else f"should be a list of texts, got {_kind(value)}"
     if value is None or isinstance(value, str):
         return None
+    if role in _LIST_TARGETS and isinstance(value, list):
+        if all(isinstance(v, str) or v is None for v in value):
+            return None
+        return f"should be text or a list of texts, got {_kind(value)} {value!r}"[:200]
     return f"should be text, got {_kind(value)} {value!r}"[:200]
 
 
@@ -228,9 +277,12 @@ def _clean(recipe: Recipe, task: TaskConfig, split: str, records: list[Record], 
     """Drop or reject empty fields, apply the task's length filters, count (and maybe drop) duplicates."""
     kept, seen = [], Counter()
     content_roles = [r for layout in TASK_LAYOUTS[recipe.task] for r in layout]
+    # A null or blank template field is an empty field like any other (it would otherwise render as "None").
+    filled = [p for p in placeholders(task.template or recipe.data.template) if p not in content_roles]
     for record in records:
         f = record.fields
-        empty = next((r for r in content_roles if r in f and _is_empty(f[r])), None)
+        empty = next((r for r in content_roles if r in f and is_empty(f[r])), None)
+        empty = empty or next((p for p in filled if is_empty(get_path(f, p))), None)
         if empty:
             if recipe.data.on_empty == "error":
                 raise UserError(f"{record.origin}: empty field '{empty}' (set data.on_empty = \"drop\" to skip "
@@ -240,8 +292,8 @@ def _clean(recipe: Recipe, task: TaskConfig, split: str, records: list[Record], 
         if "negatives" in f:
             negatives = [n for n in f["negatives"] if n and n.strip()]
             report.empty_negatives += len(f["negatives"]) - len(negatives)
-            record = Record({**f, "negatives": negatives}, record.origin, record.task)
-        target = f.get("target", f.get("completion", f.get("positive", "")))
+            record = dataclasses.replace(record, fields={**f, "negatives": negatives})
+        target = target_of(record)
         if task.min_target_chars and len(target.strip()) < task.min_target_chars:
             report.filtered[f"target shorter than {task.min_target_chars} characters"] += 1
             continue
@@ -256,10 +308,6 @@ def _clean(recipe: Recipe, task: TaskConfig, split: str, records: list[Record], 
                 continue
         kept.append(record)
     return kept
-
-
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
 
 
 def _mix(recipe: Recipe, tasks: list[TaskConfig], train: dict[str, list[Record]], report: DataReport) -> list[Record]:

@@ -1,5 +1,6 @@
-"""Read rows from the file formats users have (JSONL, JSON array, CSV/TSV, Parquet, `save_to_disk` folders) or
-from the hub, each row tagged with where it came from so every later error can name file and line.
+"""Read rows from the file formats users have (JSONL, JSON array, CSV/TSV, Parquet, `save_to_disk` folders and
+folders in hub layout), each row tagged with where it came from so every later error can name file and line.
+A file without rows is an error: an empty training or test file is a mistake, not an empty split.
 """
 
 from __future__ import annotations
@@ -7,8 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,9 @@ from typing import Any
 from trmlx.errors import UserError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+_EXPECTED = {".jsonl": "one JSON object per line", ".ndjson": "one JSON object per line",
+             ".json": "a JSON array of objects", ".csv": "a header row and at least one data row",
+             ".tsv": "a header row and at least one data row", ".parquet": "at least one row"}
 _MAX_ERRORS = 20  # report this many bad rows at once, then a count of the rest
 
 
@@ -28,24 +30,38 @@ class Row:
 
 
 def read_rows(path: str | Path, split: str = "train") -> list[Row]:
-    """Read every row of one file or `save_to_disk` folder; raise UserError naming file and line on bad input."""
+    """Read every row of one file, or one split of a dataset folder; raise UserError naming file and line on bad
+    input, and on a file without rows."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: data file not found")
     if path.is_dir():
-        return _read_saved_dataset(path, split)
+        from trmlx.data.hub import read_folder_split
+
+        rows = read_folder_split(path, split)
+        if not rows:
+            raise UserError(f"{path}[{split}]: no rows; the split is empty")
+        return rows
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _read_parquet(path)
     if suffix not in SUFFIXES:
         raise UserError(f"{path}: unknown data format {suffix or '(no suffix)'}; expected one of "
-                        f"{', '.join(SUFFIXES)} or a datasets save_to_disk folder")
-    text = _decode(path)
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path, text)
-    if suffix == ".json":
-        return _read_json(path, text)
-    return _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
+                        f"{', '.join(SUFFIXES)}, a datasets save_to_disk folder or a folder in hub layout")
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        text = _decode(path)
+        if not text.strip():
+            raise UserError(f"{path}: empty file; expected {_EXPECTED[suffix]}")
+        if suffix in (".jsonl", ".ndjson"):
+            rows = _read_jsonl(path, text)
+        elif suffix == ".json":
+            rows = _read_json(path, text)
+        else:
+            rows = _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
+    if not rows:
+        what = "only a header row" if suffix in (".csv", ".tsv") else "no rows"
+        raise UserError(f"{path}: {what}; expected {_EXPECTED[suffix]}")
+    return rows
 
 
 def _decode(path: Path) -> str:
@@ -100,6 +116,11 @@ def _read_csv(path: Path, text: str, delimiter: str) -> list[Row]:
     blank = [i + 1 for i, name in enumerate(header) if not name.strip()]
     if blank:
         raise UserError(f"{path}:1: header has an empty column name at position {blank[0]}")
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:  # DictReader would keep only the last column of that name, silently
+        positions = [str(i + 1) for i, name in enumerate(header) if name == twice]
+        raise UserError(f"{path}:1: column {twice!r} appears twice in the header (positions "
+                        f"{' and '.join(positions)}); rename one")
     rows, errors = [], []
     try:
         for record in reader:
@@ -127,59 +148,6 @@ def _read_parquet(path: Path) -> list[Row]:
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise UserError(f"{path}: cannot read Parquet: {err}") from None
     return [Row(v, f"{path}: row {i + 1}") for i, v in enumerate(table.to_pylist())]
-
-
-def _read_saved_dataset(path: Path, split: str) -> list[Row]:
-    if not any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        raise UserError(f"{path}: a folder must be a datasets save_to_disk folder (no dataset_info.json or "
-                        "dataset_dict.json found)")
-    from datasets import DatasetDict, load_from_disk
-
-    dataset = load_from_disk(str(path))
-    if isinstance(dataset, DatasetDict):
-        if split not in dataset:
-            raise UserError(f"{path}: no split {split!r}; splits present: {', '.join(dataset)}")
-        dataset = dataset[split]
-    return [Row(v, f"{path}[{split}]: row {i + 1}") for i, v in enumerate(dataset)]
-
-
-def read_hub_rows(name: str, config: str, split: str) -> list[Row]:
-    """Rows of a hub dataset: from the local cache when offline, with a clear error instead of a hang."""
-    label = f"data.dataset {name!r}" + (f" ({config})" if config else "")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if not offline and not _hub_reachable():
-        offline = True
-        os.environ["HF_HUB_OFFLINE"] = "1"  # make datasets use the cache instead of retrying the network
-    if offline:
-        _declare_offline()
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(name, config or None, split=split)
-    except Exception as err:  # datasets raises many types; the user needs the same advice for all of them
-        reason = "the hub is unreachable and it is not in the local cache" if offline else str(err).splitlines()[0]
-        raise UserError(f"{label}: cannot load split {split!r}: {reason}; download it while online or point "
-                        "data.train at local files") from None
-    return [Row(v, f"{name}[{split}]: row {i + 1}") for i, v in enumerate(dataset)]
-
-
-def _declare_offline() -> None:
-    """huggingface_hub and datasets read HF_HUB_OFFLINE once, when imported: if they were imported before it was set
-    (transformers imports them), set what they read too, or load_dataset retries the network for ~23 s."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _raise_all(errors: list[str]) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from trmlx.data.prepare import PreparedData, Record, input_text
+from trmlx.data.prepare import PreparedData, Record, input_text, target_of
 from trmlx.recipe.schema import Recipe
 
 TOKEN_SAMPLE = 5000  # rows per split tokenised for token-length statistics; keeps `check` fast on big sets
@@ -23,7 +23,7 @@ def target_text(record: Record) -> str:
     f = record.fields
     if "messages" in f:
         return f["messages"][-1]["content"] if f["messages"] else ""
-    return f.get("target", f.get("completion", f.get("positive", "")))
+    return target_of(record)
 
 
 def load_local_tokenizer(model_path: str) -> tuple[Any, str]:
@@ -48,6 +48,7 @@ def summarize(recipe: Recipe, data: PreparedData, tokenizer: Any = None) -> dict
         "recipe": recipe.name, "task": recipe.task, "model": recipe.model.path,
         "rows": {split: dict(sorted(report.rows[split].items())) for split in report.rows},
         "warnings": report.warnings(), "mixture": report.mixture, "lengths": {}, "too_long": {},
+        "dataset": report.dataset, "multi_reference": dict(report.multi_reference),
     }
     for split in ("train", "valid", "test"):
         records = data.split(split)
@@ -56,7 +57,7 @@ def summarize(recipe: Recipe, data: PreparedData, tokenizer: Any = None) -> dict
         examples = []
         if tokenizer is not None and recipe.task != "embedding":
             sample = records[:TOKEN_SAMPLE]
-            examples, stats = tokenize(sample, recipe, tokenizer)
+            examples, stats = tokenize(sample, recipe, tokenizer, split)
             summary["too_long"][split] = {"rows_checked": len(sample), "truncated": stats["truncated"],
                                           "dropped": stats["dropped_too_long"], "policy": recipe.data.too_long,
                                           "max_length": recipe.data.max_length}

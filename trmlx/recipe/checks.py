@@ -57,12 +57,26 @@ def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     tasks = [dataclasses.replace(t, train=files(t.train), valid=files(t.valid), test=files(t.test)) for t in data.tasks]
     data = dataclasses.replace(data, train=files(data.train), valid=files(data.valid), test=files(data.test),
                                tasks=tasks)
+    if data.dataset and is_local_path(data.dataset, base_dir):  # a folder in hub layout beside the recipe
+        data = dataclasses.replace(data, dataset=files(data.dataset))
     model = recipe.model
     if model.path.startswith(PACKAGE_SCHEME) and packaged_model_path(model.path):
         model = dataclasses.replace(model, path=packaged_model_path(model.path))
     elif model.path and is_local_path(model.path, base_dir):
         model = dataclasses.replace(model, path=str((base_dir / Path(model.path).expanduser()).resolve()))
     return dataclasses.replace(recipe, data=data, model=model)
+
+
+def model_path(recipe: Recipe) -> str:
+    """The base model folder or hub id; `package:NAME` that is not installed is a one-line error."""
+    from trmlx.errors import UserError
+
+    path = recipe.model.path
+    if path.startswith(PACKAGE_SCHEME):
+        name = path[len(PACKAGE_SCHEME):]
+        raise UserError(f"model.path: {path}: the Python package {name!r} is not installed (pip install "
+                        f"{name.replace('_', '-')})")
+    return path
 
 
 def packaged_model_path(spec: str) -> str | None:
@@ -148,9 +162,14 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
         (f"data.tasks[{i}].template", t.template) for i, t in enumerate(data.tasks)
     ]:
         try:
-            list(string.Formatter().parse(template))
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
         except ValueError as err:
             problems.append((key, f"bad placeholder syntax ({err}); write literal braces as {{{{ and }}}}"))
+            continue
+        unnamed = next((name for name in names if not name or name.isdigit()), None)
+        if unnamed is not None:  # str.format would look for a positional argument and fail on every row
+            problems.append((key, f"placeholder {{{unnamed}}} names no column; write {{column}} (e.g. {{source}}), "
+                                  "and literal braces as {{ and }}"))
 
     names = [t.name for t in data.tasks]
     for i, task in enumerate(data.tasks):

@@ -60,14 +60,20 @@ class DataConfig:
     train: Union[str, list[str]] = doc("", "Training file(s): .jsonl .json .csv .tsv .parquet or a save_to_disk dir.")
     valid: Union[str, list[str]] = doc("", "Validation file(s); empty = split off valid_ratio of train.")
     test: Union[str, list[str]] = doc("", "Test file(s); empty = split off test_ratio of train.")
-    dataset: str = doc("", "Hub dataset name, used instead of files when online (e.g. wmt16).")
+    dataset: str = doc("", "Hub dataset (e.g. wmt16, from the cache when offline) or a local folder in hub layout "
+                           "(data/train-*.parquet, validation-*, test-*), instead of data.train files.")
     dataset_config: str = doc("", "Hub dataset config, e.g. tr-en.")
-    dataset_split: str = doc("train", "Hub split that becomes the training data.")
+    dataset_split: str = doc("train", "Dataset split that becomes the training data.")
+    dataset_valid_split: str = doc("auto", "Dataset split that becomes validation unless data.valid is given; auto = "
+                                           "validation, valid or dev if the dataset has one; \"\" = none.")
+    dataset_test_split: str = doc("auto", "Dataset split that becomes the test data (trmlx eval) unless data.test is "
+                                          "given; auto = test if the dataset has one; \"\" = none.")
     columns: dict[str, str] = doc(
-        {}, "Map from role to column, e.g. {source = 'en', target = 'tr'}; roles depend on the task kind."
+        {}, "Map from role to column, e.g. {source = 'en', target = 'tr'}; a dotted path reaches into nested "
+            "fields ('translation.en'); a target holding a list (answers.text) trains on the first, scores on all."
     )
-    template: str = doc("", "Input text with {column} placeholders, e.g. 'Translate to Turkish: {source}'; "
-                            "empty = the source/input column as it is.")
+    template: str = doc("", "Input text with {column} placeholders, e.g. 'Translate to Turkish: {source}' or "
+                            "'{translation.en}'; empty = the source/input column as it is.")
     chat: bool = doc(False, "Format prompts with the tokenizer's chat template (causal).")
     system_prompt: str = doc("", "System message for chat formatting.")
     max_length: int = doc(512, "Longest tokenised example (prompt + target for causal; input for seq2seq).",
@@ -192,6 +198,11 @@ class Recipe:
     backend: dict[str, Any] = doc(
         {}, "Per-backend overrides: [backend.mlx.train] batch_size = 2 applies only with --backend mlx."
     )
+
+    def embedding_lengths(self) -> tuple[int, int]:
+        """(query, passage) token limits: the embedding section's, where 0 means data.max_length."""
+        emb, default = self.embedding, self.data.max_length
+        return emb.max_query_length or default, emb.max_passage_length or default
 
 
 BACKEND_NAMES = ("mlx", "cuda")  # the one list of backends: folders under backends/, --backend choices

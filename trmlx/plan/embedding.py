@@ -1,6 +1,6 @@
 """`trmlx plan` for embedding recipes: BERT / XLM-R encoders trained with MultipleNegativesRankingLoss.
 
-Peak = the larger of the training peak and the eval-encoding peak, plus framework overhead (plan.OVERHEAD_GB):
+Peak = the larger of the training peak and the eval-encoding peak, plus framework overhead (base.OVERHEAD_GB):
 
   training   weights as loaded (encoders are never quantised: the recipe checks refuse it) + the trainable
              parameters (full or LoRA), their gradients and optimizer state
@@ -21,13 +21,12 @@ refits them). Nothing here imports mlx or torch.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from trmlx.errors import UserError
-from trmlx.plan import _DTYPE_BYTES, GB, OVERHEAD_GB, Plan, Target, Term, trainable_parameters
+from trmlx.plan.base import (DTYPE_BYTES, Plan, Target, Term, nothing_fits, overhead_term, parameter_terms,
+                             trainable_parameters)
 from trmlx.recipe.schema import Recipe
 
 # Elements of the activation dtype per token (fp32 CPU runs; bytes scale with the dtype). h = hidden size,
@@ -118,21 +117,6 @@ class EncoderShape:
         return {**dataclasses.asdict(self), "parameters": self.parameters()}
 
 
-def transformer_config(folder: Path) -> Path | None:
-    """config.json of a sentence-transformers folder whose Transformer module sits in a subfolder
-    (modules.json: {"type": "...Transformer", "path": "0_Transformer"}); None when there is none."""
-    modules = folder / "modules.json"
-    if not modules.is_file():
-        return None
-    try:
-        entries = json.loads(modules.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    sub = next((m.get("path", "") for m in entries if str(m.get("type", "")).endswith("Transformer")), "")
-    config = folder / sub / "config.json"
-    return config if config.is_file() else None
-
-
 # ------------------------------------------------------------------------------------------------------- plan
 
 def padded(length: int, shape: EncoderShape) -> int:
@@ -146,7 +130,7 @@ def dtypes(recipe: Recipe, target: Target) -> tuple[int, int]:
     """(weight bytes, activation bytes): MLX casts the encoder to model.dtype (auto = fp32); torch keeps fp32
     weights (sentence-transformers' fit) and autocasts activations to the target's dtype."""
     if target.backend == "mlx":
-        size = 4 if recipe.model.dtype == "auto" else _DTYPE_BYTES[recipe.model.dtype]
+        size = 4 if recipe.model.dtype == "auto" else DTYPE_BYTES[recipe.model.dtype]
         return size, size
     return 4, target.act_bytes
 
@@ -159,15 +143,13 @@ def plan_memory(recipe: Recipe, backend: str, shape: EncoderShape, target: Targe
     """The memory plan of one embedding configuration (plan.plan_memory's keywords; seq_len = the passage length,
     query_len the query length, both defaulting to the recipe's). Keywords of other tasks (prompt_len,
     max_new_tokens) are accepted and ignored, so plan's callers need not know the task."""
-    from trmlx.embedding import max_lengths
-
     train, emb, coef = recipe.train, recipe.embedding, coefficients or CALIBRATION[target.family]
     batch = batch_size or (train.batch_size if isinstance(train.batch_size, int) else train.effective_batch)
     accum = grad_accum or (train.grad_accum if isinstance(train.batch_size, int) else 1)
     ckpt = train.grad_checkpoint if grad_checkpoint is None else grad_checkpoint
     chunk = emb.mini_batch_size if mini_batch_size is None else mini_batch_size
     negatives = (0 if emb.negatives == "none" else emb.num_negatives) if num_negatives is None else num_negatives
-    q_default, p_default = max_lengths(recipe)
+    q_default, p_default = recipe.embedding_lengths()
     t_p = padded(seq_len or p_default, shape)
     t_q = padded(min(query_len or q_default, seq_len or q_default), shape)
     eval_batch = eval_batch_size or recipe.eval.batch_size
@@ -182,7 +164,6 @@ def plan_memory(recipe: Recipe, backend: str, shape: EncoderShape, target: Targe
     # One gradient copy, plus measured extra copies: MLX holds the summed gradients and their scaled / clipped
     # copies (one more while cached MNRL adds a chunk's), torch the clipped-norm temporaries.
     grad_copies = 1 + coef["grad_extra"] + (coef["cached_grad"] if chunk else 0.0)
-    optimizer = {"adamw": 2 * param_bytes, "paged_adamw_8bit": 2.0, "adafactor": 0.1 * param_bytes}[train.optimizer]
     weights = shape.parameters() * w_bytes + (shape.pooler_parameters() * w_bytes if target.family == "torch" else 0)
     if full:  # the trainable weights are the weights: count them once, under "adapter"
         weights -= shape.parameters() * w_bytes
@@ -210,25 +191,20 @@ def plan_memory(recipe: Recipe, backend: str, shape: EncoderShape, target: Targe
     eval_tokens = eval_batch * t_p
     encoding = eval_tokens * dt * (coef["enc_h"] * h + coef["enc_mlp"] * inter
                                    + (0.0 if fused else coef["enc_scores"] * heads * t_p))
-    overhead = OVERHEAD_GB.get((target.family, target.kind), 0.5) * GB
     how = f"{'fp32' if w_bytes == 4 else recipe.model.dtype}" + (" + the unused pooler sentence-transformers loads"
                                                                  if target.family == "torch" else "")
     terms = (
         Term("weights", weights, f"frozen encoder, {shape.parameters() / 1e6:.1f}M parameters: {how}"
              + (" (trained in full: counted under adapter)" if full else ""), "both"),
-        Term("adapter", params * param_bytes, f"{params:,} trainable parameters ({recipe.peft.method}) × "
-                                              f"{param_bytes} B", "both"),
-        Term("gradients", params * param_bytes * grad_copies,
-             f"{grad_copies:.2f} gradient copies of the trainable parameters (measured)", "train"),
-        Term("optimizer", params * optimizer, f"{train.optimizer}: {optimizer:g} B per trainable parameter", "train"),
+        *parameter_terms(recipe, params, param_bytes, grad_copies,
+                         f"{grad_copies:.2f} gradient copies of the trainable parameters (measured)"),
         Term("activations", activations, act_doc, "train"),
         Term("similarity_loss", loss, f"{batch} × {n_docs} fp32 similarity matrix × {LOSS_FP32_COPIES} copies"
              + (f" × {dims} Matryoshka dims" if dims > 1 else "")
              + (f" + {batch + n_docs} stored fp32 embeddings × {STORED_EMBEDDING_COPIES}" if chunk else ""), "train"),
         Term("encoding", encoding, f"eval: one layer's forward over {eval_batch} passages × {t_p} positions",
              "eval"),
-        Term("overhead", overhead, f"not seen by the allocator counters ({target.family} on {target.kind}): "
-                                   "runtime, CUDA context / workspaces; an estimate", "overhead"),
+        overhead_term(target),
     )
     settings = {"backend": backend, "batch_size": batch, "grad_accum": accum, "effective_batch": batch * accum,
                 "grad_checkpoint": ckpt, "mini_batch_size": chunk, "seq_len": t_p, "query_len": t_q,
@@ -240,6 +216,9 @@ def plan_memory(recipe: Recipe, backend: str, shape: EncoderShape, target: Targe
 
 
 # --------------------------------------------------------------------------------------------------------- fit
+
+Shape = EncoderShape  # every task module names its shape class Shape (trmlx.plan.tasks reads it)
+
 
 def fit(recipe: Recipe, backend: str, shape: EncoderShape, target: Target, budget: float) -> tuple[Plan, list[Plan]]:
     """Keep the contrastive batch (splitting it would change the loss) and find what makes it fit: as it is, then
@@ -259,14 +238,10 @@ def fit(recipe: Recipe, backend: str, shape: EncoderShape, target: Target, budge
             tried.append(plan)
             if plan.train_peak + plan.overhead <= budget:
                 return plan, tried
-    smallest = min(tried, key=lambda p: p.train_peak)
-    biggest = max((t for t in smallest.terms if t.phase in ("train", "both")), key=lambda t: t.bytes)
-    raise UserError(f"train.memory_budget: nothing fits {budget / GB:.1f} GB with the contrastive batch of {batch}: "
-                    f"the smallest setting (mini_batch_size {smallest.settings['mini_batch_size']}, grad_checkpoint "
-                    f"{str(smallest.settings['grad_checkpoint']).lower()}) needs "
-                    f"{(smallest.train_peak + smallest.overhead) / GB:.2f} GB, most of it {biggest.name} "
-                    f"({biggest.bytes / GB:.2f} GB); try peft.method = \"lora\", shorter "
-                    "embedding.max_passage_length or a smaller train.batch_size")
+    smallest = min(tried, key=lambda p: p.train_peak).settings["mini_batch_size"]
+    raise nothing_fits(tried, budget, f"mini_batch_size {smallest}", "try peft.method = \"lora\", shorter "
+                       "embedding.max_passage_length or a smaller train.batch_size",
+                       kept=f" with the contrastive batch of {batch}")
 
 
 def apply(recipe: Recipe, plan: Plan) -> Recipe:

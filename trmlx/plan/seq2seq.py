@@ -1,6 +1,6 @@
 """`trmlx plan` for seq2seq (T5 / mT5) recipes: the encoder-decoder's shape and its memory plan, term by term.
 
-Same structure as the causal plan (trmlx.plan: Plan, Term, Target, overhead, quantisation rules), with an encoder
+Same structure as the causal plan (trmlx.plan.base: Plan, Term, Target, overhead, quantisation rules), with an encoder
 over source positions and a decoder over target positions:
 
   training   weights (quantised as each backend quantises T5 at load) + adapter, gradients, optimizer state
@@ -16,14 +16,14 @@ Nothing here imports mlx or torch.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from trmlx.adapters import is_target, match_targets
 from trmlx.errors import UserError
-from trmlx.plan import (GB, MLX_KV_STEP, OVERHEAD_GB, PAD_MULTIPLE, Plan, Target, Term, bnb_4bit_bytes,
-                        mlx_quantised_bytes)
+from trmlx.plan.base import (Plan, Target, Term, apply_batch, batch_settings, bnb_4bit_bytes, fit_micro_batch,
+                             kv_positions, loss_fp32_copies, mlx_quantised_bytes, overhead_term, padded,
+                             parameter_terms)
 from trmlx.recipe.schema import Recipe
 
 # Elements of the activation dtype per token (fp32 CPU runs; bytes scale with the dtype). Per sublayer input: h
@@ -124,11 +124,6 @@ class Seq2SeqShape:
         return {**dataclasses.asdict(self), "parameters": self.parameters()}
 
 
-def padded(n: int) -> int:
-    """Batch widths are padded to a multiple of 8 (trmlx.data.examples.collate_seq2seq)."""
-    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-
-
 def adapted(recipe: Recipe, shape: Seq2SeqShape) -> tuple[int, int, int]:
     """(trainable parameters, encoder layers in the gradient path, decoder layers in the gradient path)."""
     peft, enc, dec = recipe.peft, shape.encoder_layers, shape.decoder_layers
@@ -204,10 +199,8 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
                 coefficients: dict[str, float] | None = None) -> Plan:
     """The memory plan of one seq2seq configuration. Unset keywords come from the recipe: seq_len (source) =
     data.max_length, target_len = data.max_target_length, prompt_len (eval source) = seq_len."""
-    train, coef = recipe.train, coefficients or CALIBRATION[target.family]
-    batch = batch_size or (train.batch_size if isinstance(train.batch_size, int) else 1)
-    accum = grad_accum or train.grad_accum
-    ckpt = train.grad_checkpoint if grad_checkpoint is None else grad_checkpoint
+    coef = coefficients or CALIBRATION[target.family]
+    batch, accum, ckpt = batch_settings(recipe, batch_size, grad_accum, grad_checkpoint)
     seq_len, target_len = seq_len or recipe.data.max_length, target_len or recipe.data.max_target_length
     eval_batch, new_tokens = eval_batch_size or recipe.eval.batch_size, max_new_tokens or recipe.eval.max_new_tokens
     prompt_len = prompt_len or seq_len
@@ -220,7 +213,6 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
     params, enc_layers, dec_layers = adapted(recipe, shape)
     param_bytes = dt if recipe.peft.method == "full" else 4  # adapters are fp32 on both backends
     grad_copies = 2 if target.backend == "mlx" else 1  # MLX: the summed gradients and their scaled copy
-    optimizer = {"adamw": 2 * param_bytes, "paged_adamw_8bit": 2.0, "adafactor": 0.1 * param_bytes}[train.optimizer]
 
     full_enc = src_tokens * _layer(coef, "act_", shape, "encoder", src, src, fused)
     full_dec = tgt_tokens * _layer(coef, "act_", shape, "decoder", tgt, src, fused)
@@ -235,27 +227,20 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
         enc_act, dec_act = dt * enc_layers * full_enc, dt * dec_layers * full_dec
     enc_act += dt * masks * src_tokens * src / max(src_tokens * src + tgt_tokens * tgt, 1)
     dec_act += dt * masks * tgt_tokens * tgt / max(src_tokens * src + tgt_tokens * tgt, 1)
-    quantised_head = target.backend == "mlx" and recipe.model.quantize_bits and d % recipe.model.quant_group_size == 0
-    fp32_copies = coef["logits_fp32"] + (coef["quant_logits_fp32"] if quantised_head else 0.0)
+    fp32_copies = loss_fp32_copies(coef, recipe, target, d)
     logits = tgt_tokens * vocab * (dt + 4 * fp32_copies)
 
-    kv_positions = new_tokens + 1  # the decoder's own positions: start token + generated ones
-    if target.backend == "mlx":
-        kv_positions = math.ceil(kv_positions / MLX_KV_STEP) * MLX_KV_STEP
+    cached = kv_positions(new_tokens + 1, target)  # the decoder's own positions: start token + generated ones
     prompt_tokens = eval_batch * prompt_len
     encoder_out = prompt_tokens * d * dt
     cross_kv = 2 * shape.decoder_layers * inner * prompt_tokens * dt
-    kv_cache = 2 * shape.decoder_layers * inner * eval_batch * kv_positions * dt
+    kv_cache = 2 * shape.decoder_layers * inner * eval_batch * cached * dt
     prefill = prompt_tokens * dt * (coef["prefill_h"] * d + coef["prefill_mlp"] * shape.d_ff
                                     + (0 if fused else coef["prefill_scores"] * shape.num_heads * prompt_len))
-    overhead = OVERHEAD_GB.get((target.family, target.kind), 0.5) * GB
     terms = (
         Term("weights", weights, f"frozen base, {shape.parameters() / 1e9:.3f}B parameters: {how}", "both"),
-        Term("adapter", params * param_bytes, f"{params:,} trainable parameters ({recipe.peft.method}) × "
-                                              f"{param_bytes} B", "both"),
-        Term("gradients", params * param_bytes * grad_copies, f"{grad_copies} gradient cop"
-                                                              f"{'y' if grad_copies == 1 else 'ies'}", "train"),
-        Term("optimizer", params * optimizer, f"{train.optimizer}: {optimizer:g} B per trainable parameter", "train"),
+        *parameter_terms(recipe, params, param_bytes, grad_copies,
+                         f"{grad_copies} gradient cop{'y' if grad_copies == 1 else 'ies'}"),
         Term("encoder_activations", enc_act, f"{enc_layers} encoder layers × {src_tokens:,} source positions × "
                                               f"{dt} B, {'with' if ckpt else 'without'} checkpointing", "train"),
         Term("decoder_activations", dec_act, f"{dec_layers} decoder layers × {tgt_tokens:,} target positions (self "
@@ -271,15 +256,25 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
         Term("cross_kv", cross_kv, f"eval, decoding: cross-attention K/V of {shape.decoder_layers} decoder layers "
                                    f"over the {prompt_len} source positions", "eval:decode"),
         Term("kv_cache", kv_cache, f"eval, decoding: self-attention KV, 2 × {shape.decoder_layers} layers × "
-                                   f"{inner} × batch {eval_batch} × {kv_positions} positions ({new_tokens} new)",
+                                   f"{inner} × batch {eval_batch} × {cached} positions ({new_tokens} new)",
              "eval:decode"),
-        Term("overhead", overhead, f"not seen by the allocator counters ({target.family} on {target.kind}); an "
-                                   "estimate", "overhead"),
+        overhead_term(target),
     )
     settings = {"backend": backend, "batch_size": batch, "grad_accum": accum, "effective_batch": batch * accum,
                 "grad_checkpoint": ckpt, "seq_len": seq_len, "target_len": target_len, "source_positions": src,
                 "target_positions": tgt, "eval_batch_size": eval_batch, "prompt_len": prompt_len,
-                "max_new_tokens": new_tokens, "optimizer": train.optimizer,
+                "max_new_tokens": new_tokens, "optimizer": recipe.train.optimizer,
                 "quantize_bits": recipe.model.quantize_bits, "peft": recipe.peft.method,
                 "adapted_layers": {"encoder": enc_layers, "decoder": dec_layers}}
     return Plan(terms, settings, shape, target, budget)
+
+
+Shape = Seq2SeqShape  # every task module names its shape class Shape (trmlx.plan.tasks reads it)
+
+
+def fit(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Target, budget: float) -> tuple[Plan, list[Plan]]:
+    """The causal rule: the largest micro-batch (and checkpointing only if needed) whose training peak fits."""
+    return fit_micro_batch(plan_memory, recipe, backend, shape, target, budget)
+
+
+apply = apply_batch  # what fit chose goes into the recipe as micro-batch, grad_accum and checkpointing

@@ -45,7 +45,7 @@ def evaluate_retrieval(model: Any, recipe: Recipe, queries: Sequence[tuple[str, 
     metrics) to out_path; return the mean metrics, n and the corpus size."""
     import numpy as np
 
-    from trmlx.embedding import encode
+    from trmlx.embedding.examples import encode
     from trmlx.rundir import atomic_write
 
     if not queries:

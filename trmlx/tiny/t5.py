@@ -3,7 +3,7 @@
 Gated-GELU feed-forward (wi_0, wi_1, wo) and an untied head like mT5 / T5 v1.1, relative position buckets, and a
 byte-level BPE tokenizer trained on the shipped Turkish text that appends </s> like T5's. numpy + tokenizers only.
 
-    python -m trmlx.tiny_t5 recipes/models/tiny-mt5-tr
+    python -m trmlx.tiny.t5 recipes/models/tiny-mt5-tr
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from trmlx.tiny import EOS, PAD, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from trmlx.tiny.tokenizer import EOS, PAD, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -120,12 +120,12 @@ def build_tiny_t5(out_dir: str | Path, texts: list[str], *, vocab_size: int = 10
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m trmlx.tiny_t5", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m trmlx.tiny.t5", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # The cwd's data folders, else those beside the package in a source checkout.
-    folders = [Path(d) if Path(d).is_dir() else Path(__file__).resolve().parent.parent / d for d in DEFAULT_DATA]
+    folders = [Path(d) if Path(d).is_dir() else Path(__file__).resolve().parents[2] / d for d in DEFAULT_DATA]
     out = build_tiny_t5(args.out_dir, shipped_texts(folders), seed=args.seed)
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
     return out
