@@ -191,18 +191,34 @@ def test_a_tensor_writer_failing_on_a_full_disk_is_named_as_one(tmp_path, monkey
 # --------------------------------------------------------------------------------------- rerunning a failed run
 
 @mlx_only
-def test_a_failed_run_can_be_rerun_with_the_same_output_but_an_interrupted_one_is_kept(tmp_path, cli,
+def test_a_failed_run_can_be_rerun_with_the_same_output_but_an_interrupted_one_is_kept(tmp_path, cli, monkeypatch,
                                                                                       interrupted):
-    out = tmp_path / "run"
+    import numpy as np
+
+    module, out = train_module("mlx"), tmp_path / "run"
+    real, calls = module.collate, [0]
+
+    def poisoned(*args, **kwargs):  # the loss turns NaN in step 3, after the checkpoint of step 2
+        calls[0] += 1
+        batch = real(*args, **kwargs)
+        if calls[0] > 4:
+            batch["mask"] = batch["mask"] * np.float32("nan")
+        return batch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "collate", poisoned)
+        with pytest.raises(UserError) as stop:
+            runner.train(start(tmp_path, "run", "mlx"), "mlx")
+    assert str(stop.value).startswith("train: loss became nan at step 3")
+    assert (out / "checkpoints/latest").read_text() == "step-0000002" and (out / "failed.json").is_file()
     flags = sum((["--set", s] for s in SHORT), [])
-    failed = cli("train", QUICKSTART, "--output", str(out), *flags, "--set", "data.max_length=8")
-    assert failed.exit_code == 2
-    assert failed.stderr == "error: data.train: no training examples left after checks and truncation\n"
     fixed = cli("train", QUICKSTART, "--output", str(out), *flags)
     assert fixed.exit_code == 0, fixed.output
-    assert (f"note: --output {out}: starting again over the failed run there (it stopped with: data.train: no "
-            "training examples left after checks and truncation)\n") in fixed.stderr
+    assert (f"note: --output {out}: starting again over the failed run there (it stopped with: {stop.value})\n"
+            in fixed.stderr)
     assert not (out / "failed.json").exists() and (out / "adapter/adapter_config.json").is_file()
+    assert [(r["kind"], r["step"]) for r in records(out)] == [("train", 2), ("eval", 3), ("train", 4),
+                                                              ("train", 6), ("eval", 6)]  # the old log is gone
     kept = cli("train", QUICKSTART, "--output", str(interrupted), *flags)
     assert kept.exit_code == 2
     assert kept.stderr == (f"error: --output {interrupted}: already holds a run; pass --resume {interrupted} to "

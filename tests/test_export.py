@@ -177,7 +177,6 @@ def test_refuses_non_empty_output_and_missing_adapter(cli, runs, tmp_path):
     prompt = tmp_path / "prompt"
     prompt.mkdir()
     (prompt / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
-    (prompt / "adapter_model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # complete, no tensors
     result = cli("export", str(run), str(tmp_path / "new"), "--adapter", str(prompt))
     assert result.exit_code == 2 and "PROMPT_TUNING adapter has no weights to merge" in result.stderr
     assert not (tmp_path / "new").exists()

@@ -18,7 +18,8 @@ from typing import Callable
 from trmlx.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin",  # PEFT
+                   "adapters.safetensors")  # mlx-lm
 
 # The write failures a user fixes outside trmlx (free space, permissions, remount), as opposed to bugs.
 DISK_FAULTS = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", 122): "disk quota exceeded",
@@ -116,8 +117,10 @@ def file_problem(path: Path) -> str | None:
     return check(path) if check else None
 
 
-def adapter_problem(folder: Path) -> str | None:
-    """None for a complete PEFT adapter folder (config JSON object + complete weights); else what is wrong."""
+def adapter_problem(folder: Path, require_weights: bool = True) -> str | None:
+    """None for a complete adapter folder (config JSON object + complete weights); else what is wrong. PEFT's
+    and mlx-lm's weight files are both checked; without `require_weights` a folder with no weights file passes
+    (the loader that reads it names what it expected)."""
     folder = Path(folder)
     if not folder.is_dir():
         return "missing"
@@ -129,13 +132,13 @@ def adapter_problem(folder: Path) -> str | None:
         return problem
     weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
     if not weights:
-        return f"no {ADAPTER_WEIGHTS[0]}"
+        return f"no {ADAPTER_WEIGHTS[0]}" if require_weights else None
     return file_problem(weights[0])
 
 
 def check_adapter(folder: Path, hint: str = "") -> None:
     """A damaged adapter is a one-line error naming the file, before any model is loaded."""
-    problem = adapter_problem(folder)
+    problem = adapter_problem(folder, require_weights=False)
     if problem:
         raise UserError(f"{folder}: {problem}" + (f"; {hint}" if hint else ""))
 

@@ -68,14 +68,14 @@ def resolve_target(target: str, adapter: str | None, backend: str | None, overri
 def _with_adapter(recipe: "Recipe", adapter: Path | None, backend: str, run: "RunDir | None",
                   hint: str = "") -> Target:
     """The Target; an mlx-lm adapter is converted to its PEFT form here, once, so both backends load it as usual.
-    A PEFT adapter cut off by a kill or a full disk is a one-line error here, before any model loads."""
+    An adapter cut off by a kill or a full disk is a one-line error here, before any model loads."""
     from trmlx import mlxlm
     from trmlx.integrity import check_adapter
 
     if adapter is None:
         return Target(recipe, adapter, backend, run)
+    check_adapter(adapter, hint)
     if not mlxlm.is_mlxlm_adapter(adapter):
-        check_adapter(adapter, hint)
         return Target(recipe, adapter, backend, run)
     if recipe.task != "causal":
         raise UserError(f"{adapter}: an mlx-lm adapter is for a causal language model; this recipe's task is "
