@@ -6,18 +6,18 @@ A backend's loop keeps only tensor work (forward, backward, optimizer) and reads
 
 from __future__ import annotations
 
-import json
-import shutil
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+from trmlx.checkpoints import KEEP_CHECKPOINTS, Checkpoints, Position  # noqa: F401  (the loop's public names)
 from trmlx.data.examples import Example, bucket_batches
 from trmlx.errors import UserError
 from trmlx.recipe.schema import TrainConfig
 from trmlx.report import StepReport
-from trmlx.rundir import RunDir, atomic_write
 
 # Model families whose logits are exactly lm_head(backbone(inputs)) (no scaling or soft-capping after the head):
 # their training loss runs the head over target rows only, in chunks of train.loss_chunk_size (backends/*/loss.py).
@@ -27,19 +27,6 @@ CHUNKED_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 def chunked_loss(model_type: str, peft_method: str) -> bool:
     """Whether a model's loss is chunked: its family's head splits off, and no virtual tokens shift positions."""
     return model_type in CHUNKED_LOSS_TYPES and peft_method not in ("prompt", "prefix")
-
-KEEP_CHECKPOINTS = 2  # older ones are deleted once a newer one is safely on disk
-
-
-@dataclass
-class Position:
-    """Everything besides tensors that a resumed run needs to continue exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    cursor: int = 0  # micro-batches of this epoch already consumed
-    trained_tokens: int = 0
-    elapsed_seconds: float = 0.0
 
 
 class BatchCursor:
@@ -63,36 +50,6 @@ class BatchCursor:
         return self.position.epoch + self.position.cursor / len(self.order)
 
 
-class Checkpoints:
-    """RUN/checkpoints/step-NNNNNNN/ folders written into a temp folder and renamed; `latest` names the newest."""
-
-    def __init__(self, run: RunDir):
-        self.root = run.checkpoints
-        self.run = run
-
-    def save(self, position: Position, write_state: Callable[[Path], None]) -> Path:
-        """`write_state(folder)` writes the backend's tensors; position.json is written last, then the rename."""
-        final = self.root / f"step-{position.step:07d}"
-        tmp = self.root / f".step-{position.step:07d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_state(tmp)
-        atomic_write(tmp / "position.json", json.dumps(asdict(position)))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        atomic_write(self.root / "latest", final.name)
-        for old in sorted(self.root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def latest(self) -> tuple[Path, Position]:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            raise UserError(f"--resume {self.run.path}: no checkpoint found (expected {pointer})")
-        folder = self.root / pointer.read_text().strip()
-        return folder, Position(**json.loads((folder / "position.json").read_text()))
-
-
 class Schedule:
     """When to log, validate and checkpoint."""
 
@@ -110,29 +67,79 @@ class Schedule:
 
 
 class ReportWindow:
-    """Token-weighted loss and throughput since the last report; validation time is not counted as training."""
+    """Token-weighted loss and throughput since the last logged report; validation time is not counted as
+    training. The sums live in the Position, so they are checkpointed with it."""
 
     def __init__(self, position: Position):
         self.position = position
-        self.loss_sum, self.tokens, self.start = 0.0, 0.0, time.perf_counter()
+        self.start = self.reported_at = time.perf_counter()
 
     def add(self, loss_sum: float, tokens: float) -> None:
-        self.loss_sum += loss_sum
-        self.tokens += tokens
+        self.position.window_loss += loss_sum
+        self.position.window_tokens += tokens
         self.position.trained_tokens += int(tokens)
 
     def report(self, step: int, epoch: float, lr: float, peak_memory_gb: float) -> StepReport:
-        now = time.perf_counter()
-        self.position.elapsed_seconds += now - self.start
-        report = StepReport(step=step, epoch=epoch, loss=self.loss_sum / max(self.tokens, 1.0), learning_rate=lr,
-                            tokens_per_second=self.tokens / max(now - self.start, 1e-9),
-                            trained_tokens=self.position.trained_tokens, peak_memory_gb=peak_memory_gb,
-                            elapsed_seconds=self.position.elapsed_seconds)
-        self.loss_sum, self.tokens, self.start = 0.0, 0.0, now
-        return report
+        """The report of the window so far; changes nothing until `clear` (the consumer may never receive it)."""
+        self.reported_at = time.perf_counter()
+        seconds, tokens = self.reported_at - self.start, self.position.window_tokens
+        return StepReport(step=step, epoch=epoch, loss=self.position.window_loss / max(tokens, 1.0),
+                          learning_rate=lr, tokens_per_second=tokens / max(seconds, 1e-9),
+                          trained_tokens=self.position.trained_tokens, peak_memory_gb=peak_memory_gb,
+                          elapsed_seconds=self.position.elapsed_seconds + seconds)
+
+    def clear(self) -> None:
+        """The reported window is logged: start the next one."""
+        self.position.elapsed_seconds += self.reported_at - self.start
+        self.position.window_loss, self.position.window_tokens = 0.0, 0.0
+        self.start = time.perf_counter()
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block ends, then raises: an optimizer update and the position that counts it land
+    together, never one without the other (which would make a resume repeat or skip a step)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only delivered to the main thread
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def due_records(schedule: "Schedule", step: int, validating: bool) -> list[str]:
+    """What step `step` owes the log once its update is applied: its train report, its validation."""
+    return (["train"] if schedule.log(step) else []) + (["eval"] if validating and schedule.validate(step) else [])
+
+
+def step_records(position: Position, window: ReportWindow, epoch: float, lr: float, peak: Callable[[], float],
+                 validation: Callable[[], tuple[float, dict[str, float]]]) -> Iterator[StepReport]:
+    """The records the completed step `position.step` still owes (position.pending), in order. A record leaves
+    `pending` only once the consumer holds it (the core logs a record it received before passing a Ctrl-C
+    back in), so a checkpoint written at any moment tells a resume exactly which records are missing."""
+    if "train" in position.pending:
+        report = window.report(position.step, epoch, lr, peak())
+        try:
+            yield report
+        finally:
+            window.clear()
+            position.pending.remove("train")
+    if "eval" in position.pending:
+        loss, per_task = validation()
+        report = eval_report(position.step, epoch, loss, position, peak(), per_task)
+        try:
+            yield report
+        finally:
+            position.pending.remove("eval")
+            window.restart_clock()
 
 
 def validate(evaluate: Callable[[Sequence[Example]], dict[str, float]],

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from trmlx.rundir import atomic_write
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,41 @@ class MetricsLogger:
         self.enabled = enabled  # False on non-zero ranks of a distributed run: only rank 0 writes
 
     def log(self, report: StepReport | dict[str, Any]) -> None:
+        """Append one record; if the disk refuses (full, read-only) the log is cut back to its last whole record
+        before the error propagates, so a torn line never glues onto the next one."""
         if not self.enabled:
             return
-        record = report.to_json() if isinstance(report, StepReport) else report
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = _line(report)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as out:
+                out.write(line)
+        except OSError:
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass  # read_log skips a torn last line anyway
+            raise
+
+    def ensure(self, report: StepReport | dict[str, Any]) -> None:
+        """Log `report` unless it is already the last record (a Ctrl-C may land just before or after its write)."""
+        if not self.enabled:
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        if not lines or lines[-1] != _line(report).rstrip("\n"):
+            self.log(report)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step`, so a resumed run does not log the same steps twice."""
+        """Drop lines logged after `step` (and torn ones), so a resumed run does not log the same steps twice;
+        rewritten atomically, so a crash here keeps the old log."""
         if self.enabled and self.path.exists():
-            kept = [line for line in read_log(self.path) if line.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+            kept = [r for r in read_log(self.path) if r.get("step", 0) <= step]
+            atomic_write(self.path, "".join(_line(r) for r in kept))
+
+
+def _line(report: StepReport | dict[str, Any]) -> str:
+    record = report.to_json() if isinstance(report, StepReport) else report
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def read_log(path: Path) -> Iterator[dict[str, Any]]:

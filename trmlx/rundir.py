@@ -7,6 +7,7 @@
     RUN/checkpoints/         resumable state (adapter + optimizer + step + RNG + data position)
     RUN/predictions/         <split>.jsonl from eval
     RUN/plots/               loss.png and friends
+    RUN/failed.json          only after a run stopped with an error: what the error was
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,10 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / "plots"
 
+    @property
+    def failed(self) -> Path:
+        return self.path / "failed.json"
+
     def predictions(self, split: str) -> Path:
         return self.path / "predictions" / f"{split}.jsonl"
 
@@ -66,16 +72,63 @@ def default_run_path(recipe_name: str, root: Path = Path("runs")) -> Path:
     return root / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# What a training run writes; a failed run's are removed when `train` starts that run directory again.
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "adapter", "model", "plots", "negatives.jsonl", "failed.json")
+
+
 def create_run_dir(path: Path, recipe_toml: str, environment: dict[str, Any], resume: bool = False) -> RunDir:
-    """Make the run directory; refuse to overwrite another run's files unless resuming it."""
+    """Make the run directory; refuse to overwrite another run unless resuming it. A run that failed is
+    replaced, so a fixed recipe can be rerun with the same --output."""
+    from trmlx.integrity import disk_error, disk_fault
+
     run = RunDir(Path(path))
-    if run.recipe.exists() and not resume:
-        raise UserError(f"--output {path}: already holds a run; pass --resume {path} to continue it or choose "
-                        "another directory")
-    run.path.mkdir(parents=True, exist_ok=True)
-    atomic_write(run.recipe, recipe_toml)
-    atomic_write(run.environment, json.dumps(environment, indent=2, ensure_ascii=False))
+    try:
+        if run.recipe.exists() and not resume:
+            check_output(run)
+            print(f"note: --output {path}: starting again over the failed run there ({_failure(run)})",
+                  file=sys.stderr)
+            for name in RUN_OUTPUTS:
+                target = run.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(run.recipe, recipe_toml)
+        atomic_write(run.environment, json.dumps(environment, indent=2, ensure_ascii=False))
+        run.failed.unlink(missing_ok=True)  # running again: no longer a failed run
+    except OSError as err:
+        if not disk_fault(err):
+            raise
+        raise disk_error(err, "writing the run directory", "nothing in it was changed; choose a writable "
+                         "--output or free space", run.path) from None
     return run
+
+
+def check_output(run: RunDir) -> None:
+    """Refuse a fresh run over a folder that holds another run's results (finished, or resumable)."""
+    if not replaceable_run(run):
+        raise UserError(f"--output {run.path}: already holds a run; pass --resume {run.path} to continue it or "
+                        "choose another directory")
+
+
+def replaceable_run(run: RunDir) -> bool:
+    """True when `train` may start over in this folder: no run there, or one that stopped with an error. (A run
+    without failed.json may be one that is running right now, or was interrupted: never overwritten.)"""
+    return not run.recipe.exists() or run.failed.exists()
+
+
+def mark_failed(run: RunDir, error: str) -> None:
+    """Record why a run stopped; best effort (the disk may be why)."""
+    try:
+        atomic_write(run.failed, json.dumps({"error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                                            ensure_ascii=False))
+    except OSError:
+        pass
+
+
+def _failure(run: RunDir) -> str:
+    try:
+        return "it stopped with: " + json.loads(run.failed.read_text(encoding="utf-8"))["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its failed.json is unreadable"
 
 
 def atomic_write(path: Path, content: str | bytes) -> None:

@@ -17,9 +17,9 @@ from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate, with_loss_rows
 from trmlx.distributed import is_main, world_size
 from trmlx.distributed import rank as distributed_rank
-from trmlx.errors import TrainingInterrupted
-from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, eval_report,
-                        require_examples, rewind, step_seed, validate)
+from trmlx.errors import TrainingInterrupted, UserError
+from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, due_records,
+                        interrupts_deferred, require_examples, rewind, step_records, step_seed, validate)
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir
@@ -102,7 +102,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
     decoder_start = loaded.handle.get("decoder_start_id")
     require_examples(train_set)
-    checkpoints = Checkpoints(RunDir(Path(run_dir)))
+    checkpoints = Checkpoints(RunDir(Path(run_dir)), backend="cuda")
     lengths = [e.length for e in train_set]
     # A data-parallel step consumes world × grad_accum micro-batches.
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size / world_size()))
@@ -121,7 +121,18 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     model.train()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> float:
+        return memory().peak / 1e9
+
+    def validation() -> tuple[float, dict[str, float]]:
+        return validate(lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches),
+                        valid_set)
+
     try:
+        # A resume first delivers what the interrupted step still owed the log (e.g. a cut-off validation).
+        yield from step_records(position, window, batches.epoch, learning_rate(position.step, cfg, steps), peak,
+                                validation)
         while position.step < steps:
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
@@ -141,23 +152,19 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             distributed.sum_gradients(params)
             if not math.isfinite(loss_sum):
                 raise diverged(loss_sum, step, cfg.lr, last_checkpoint)
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            position.step = step
-            window.add(loss_sum, token_sum)
-            if schedule.log(step):
-                yield window.report(step, batches.epoch, lr, memory().peak / 1e9)
-            if valid_set and schedule.validate(step):
-                loss, per_task = validate(
-                    lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches), valid_set)
-                yield eval_report(step, batches.epoch, loss, position, memory().peak / 1e9, per_task)
-                window.restart_clock()
+            with interrupts_deferred():  # the update and the position that counts it: both or neither
+                scaler.unscale_(optimizer)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                window.add(loss_sum, token_sum)
+                position.pending = due_records(schedule, step, bool(valid_set))
+                position.step = step
+            yield from step_records(position, window, batches.epoch, lr, peak, validation)
             if schedule.save(step):
                 last_checkpoint = save(checkpoints, position, model, optimizer, scaler)
     except KeyboardInterrupt:
@@ -186,7 +193,11 @@ def save_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 def restore_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler) -> None:
-    state = torch.load(folder / "state.pt", map_location=device(), weights_only=False)
+    try:
+        state = torch.load(folder / "state.pt", map_location=device(), weights_only=False)
+    except Exception as err:  # passed the zip check, failed in the pickled data: name the folder, not a traceback
+        raise UserError(f"--resume: checkpoint {folder} cannot be loaded ({type(err).__name__}: {err}); delete "
+                        "that folder to resume from the one before it") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():

@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate, with_loss_rows
-from trmlx.errors import TrainingInterrupted
-from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, eval_report,
-                        require_examples, rewind, step_seed, validate)
+from trmlx.errors import TrainingInterrupted, UserError
+from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, due_records,
+                        interrupts_deferred, require_examples, rewind, step_records, step_seed, validate)
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir
@@ -79,7 +79,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     model, cfg, pad = loaded.model, recipe.train, loaded.tokenizer.pad_token_id
     decoder_start = loaded.handle.get("decoder_start_id")
     require_examples(train_set)
-    checkpoints = Checkpoints(RunDir(Path(run_dir)))
+    checkpoints = Checkpoints(RunDir(Path(run_dir)), backend="mlx")
     lengths = [e.length for e in train_set]
     steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
     schedule = Schedule(cfg, steps)
@@ -107,7 +107,18 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     batches = BatchCursor(lengths, cfg.batch_size, cfg.seed, position)
     window = ReportWindow(position)
     mx.reset_peak_memory()
+
+    def peak() -> float:
+        return mx.get_peak_memory() / 1e9
+
+    def validation() -> tuple[float, dict[str, float]]:
+        return validate(lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches),
+                        valid_set)
+
     try:
+        # A resume first delivers what the interrupted step still owed the log (e.g. a cut-off validation).
+        yield from step_records(position, window, batches.epoch, learning_rate(position.step, cfg, steps), peak,
+                                validation)
         while position.step < steps:
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
@@ -122,21 +133,17 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             grads = tree_map(lambda g: g / token_sum, grads)
             if cfg.grad_clip:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-            mx.eval(loss_sum, token_sum)
+            mx.eval(loss_sum, token_sum, grads)  # the backward pass runs here, where Ctrl-C may still cut in
             if not math.isfinite(loss_sum.item()):
                 raise diverged(loss_sum.item(), step, cfg.lr, last_checkpoint)
-            optimizer.learning_rate = lr
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
-            position.step = step
-            window.add(loss_sum.item(), token_sum.item())
-            if schedule.log(step):
-                yield window.report(step, batches.epoch, lr, mx.get_peak_memory() / 1e9)
-            if valid_set and schedule.validate(step):
-                loss, per_task = validate(
-                    lambda subset: evaluate_loss(loaded, subset, cfg.batch_size, cfg.max_eval_batches), valid_set)
-                yield eval_report(step, batches.epoch, loss, position, mx.get_peak_memory() / 1e9, per_task)
-                window.restart_clock()
+            with interrupts_deferred():  # the update and the position that counts it: both or neither
+                optimizer.learning_rate = lr
+                optimizer.update(model, grads)
+                mx.eval(model.trainable_parameters(), optimizer.state)
+                window.add(loss_sum.item(), token_sum.item())
+                position.pending = due_records(schedule, step, bool(valid_set))
+                position.step = step
+            yield from step_records(position, window, batches.epoch, lr, peak, validation)
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda folder: save_state(folder, model, optimizer))
     except KeyboardInterrupt:
@@ -155,7 +162,11 @@ def save_state(folder: Path, model: nn.Module, optimizer: optim.Optimizer) -> No
 
 
 def restore_state(folder: Path, model: nn.Module, optimizer: optim.Optimizer) -> None:
-    model.update(tree_unflatten(list(mx.load(str(folder / "trainable.safetensors")).items())))
+    try:
+        weights, saved = mx.load(str(folder / "trainable.safetensors")), mx.load(str(folder / "optimizer.safetensors"))
+    except (OSError, RuntimeError, ValueError) as err:  # passed the header checks, failed in the tensor data
+        raise UserError(f"--resume: checkpoint {folder} cannot be loaded ({err}); delete that folder to resume "
+                        "from the one before it") from None
+    model.update(tree_unflatten(list(weights.items())))
     optimizer.init(model.trainable_parameters())
-    saved = mx.load(str(folder / "optimizer.safetensors"))
     optimizer.state = tree_unflatten(list({**dict(tree_flatten(optimizer.state)), **saved}.items()))

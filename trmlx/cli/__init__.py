@@ -23,6 +23,14 @@ class _Main(click.Group):
             for problem in err.problems:
                 click.echo(f"error: {problem}", err=True)
             sys.exit(2)
+        except OSError as err:
+            from trmlx.integrity import disk_error, disk_fault
+
+            if not disk_fault(err):
+                raise
+            # A full or read-only disk that no command caught more precisely: still one line, not a traceback.
+            click.echo(f"error: {disk_error(err, f'running trmlx {ctx.invoked_subcommand}')}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -51,23 +51,31 @@ def resolve_target(target: str, adapter: str | None, backend: str | None, overri
         if use_adapter and not (adapter_path / "adapter_config.json").is_file():
             raise UserError(f"{adapter_path}: no adapter_config.json (has training finished?); pass --adapter DIR "
                             "or evaluate the base model with the recipe file")
+        hint = (f"trmlx train --resume {run.path} writes it again from the last checkpoint" if not adapter
+                else "expected a complete PEFT adapter folder")
         return _with_adapter(load_recipe(run.recipe, overrides, chosen), adapter_path if use_adapter else None,
-                             chosen, run)
+                             chosen, run, hint)
     if path.is_file():
         chosen = backend or "mlx"
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter {adapter}: no adapter_config.json; expected a PEFT adapter folder or an "
                             "mlx-lm one (adapters.safetensors + adapter_config.json)")
         return _with_adapter(load_recipe(path, overrides, chosen), Path(adapter) if adapter and use_adapter else None,
-                             chosen, None)
+                             chosen, None, "expected a complete PEFT adapter folder")
     raise UserError(f"{target}: no such run directory or recipe file")
 
 
-def _with_adapter(recipe: "Recipe", adapter: Path | None, backend: str, run: "RunDir | None") -> Target:
-    """The Target; an mlx-lm adapter is converted to its PEFT form here, once, so both backends load it as usual."""
+def _with_adapter(recipe: "Recipe", adapter: Path | None, backend: str, run: "RunDir | None",
+                  hint: str = "") -> Target:
+    """The Target; an mlx-lm adapter is converted to its PEFT form here, once, so both backends load it as usual.
+    An adapter cut off by a kill or a full disk is a one-line error here, before any model loads."""
     from trmlx import mlxlm
+    from trmlx.integrity import check_adapter
 
-    if adapter is None or not mlxlm.is_mlxlm_adapter(adapter):
+    if adapter is None:
+        return Target(recipe, adapter, backend, run)
+    check_adapter(adapter, hint)
+    if not mlxlm.is_mlxlm_adapter(adapter):
         return Target(recipe, adapter, backend, run)
     if recipe.task != "causal":
         raise UserError(f"{adapter}: an mlx-lm adapter is for a causal language model; this recipe's task is "
@@ -158,6 +166,9 @@ def eval_command(targets: tuple[str, ...], adapter: str | None, backend: str | N
 
     out_dir = RunDir(Path(output) if output else resolved.run.path if resolved.run
                      else default_run_path(f"{resolved.recipe.name}-eval"))
+    from trmlx.integrity import ensure_writable
+
+    ensure_writable(out_dir.predictions(split).parent, "checking that eval can save its predictions")
     emit(_evaluate(resolved, split, max_samples, batch_size, out_dir, split, as_json), as_json, _render)
 
 

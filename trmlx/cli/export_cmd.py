@@ -60,6 +60,7 @@ def export(target: str, out_dir: str, fmt: str, dtype: str | None, adapter: str 
     The base loads as the run's recipe loads it; a quantised base is dequantised, so OUT_DIR holds plain
     fp16/bf16/fp32 weights. With --format mlx-lm, OUT_DIR gets the adapter in mlx-lm's format instead (float32,
     nothing merged). OUT_DIR must not exist or be empty."""
+    from functools import partial
     from pathlib import Path
 
     from trmlx.backend import get_backend
@@ -79,7 +80,7 @@ def export(target: str, out_dir: str, fmt: str, dtype: str | None, adapter: str 
                             "weights as they are")
         from trmlx.export import export_mlxlm
 
-        result = export_mlxlm(resolved.recipe, resolved.adapter, out)
+        write = partial(export_mlxlm, resolved.recipe, resolved.adapter, out)
     else:
         get_backend(resolved.backend)  # a missing install is a one-line error
         if resolved.backend == "cuda":
@@ -87,6 +88,16 @@ def export(target: str, out_dir: str, fmt: str, dtype: str | None, adapter: str 
         else:
             from trmlx.backends.mlx.export import export_model
 
-        result = export_model(resolved.recipe, resolved.adapter, out, dtype)
+        write = partial(export_model, resolved.recipe, resolved.adapter, out, dtype)
+    from trmlx.integrity import disk_error, disk_fault, ensure_writable
+
+    ensure_writable(out.absolute().parent, f"checking that {out} can be written")  # before the slow merge
+    try:
+        result = write()
+    except OSError as err:
+        if not disk_fault(err):
+            raise
+        raise disk_error(err, f"writing the export to {out}",
+                         "the partial copy was removed; nothing else was changed") from None
     # An mlx-lm adapter was read through its PEFT form in a temporary folder: report the folder the user gave.
     emit({**result, "adapter": str(resolved.adapter_source or resolved.adapter)}, as_json, _render)
