@@ -11,7 +11,7 @@ import torch
 from trmlx.backend import GenerationSettings, LoadedModel
 from trmlx.data.examples import left_pad
 
-from trmlx.backends.cuda import virtual_tokens
+import trmlx.backends.cuda.virtual_tokens as virtual_tokens
 from trmlx.backends.cuda.model import device
 from trmlx.backends.cuda.train import autocast
 

@@ -25,7 +25,7 @@ from trmlx.report import StepReport
 from trmlx.rundir import RunDir
 from trmlx.schedule import learning_rate, total_steps
 
-from trmlx.backends.cuda import distributed
+import trmlx.backends.cuda.distributed as distributed
 from trmlx.backends.cuda.device import memory
 from trmlx.backends.cuda.loss import chunked_token_loss, split_head
 from trmlx.backends.cuda.model import DTYPES, device

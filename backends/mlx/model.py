@@ -14,7 +14,8 @@ from trmlx.backend import LoadedModel
 from trmlx.errors import UserError
 from trmlx.recipe.schema import Recipe
 
-from trmlx.backends.mlx import t5_prompt, virtual_tokens
+import trmlx.backends.mlx.t5_prompt as t5_prompt
+import trmlx.backends.mlx.virtual_tokens as virtual_tokens
 from trmlx.backends.mlx.loss import split_head
 from trmlx.backends.mlx.adapters import apply_lora, load_adapter
 

@@ -7,10 +7,19 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 MISSING = object()  # a path that does not resolve (distinct from a null value, which is an empty field)
 _INDEX = re.compile(r"\[([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw row and its origin, e.g. 'data/train.jsonl:12'."""
+
+    values: dict[str, Any]
+    origin: str
 
 
 def dotted(name: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trmlx.data.readers import Row
+from trmlx.data.fields import Row
 from trmlx.errors import UserError
 
 # Split names tried for our valid/test splits when the recipe says "auto" (hub datasets use all three for valid).

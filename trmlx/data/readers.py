@@ -8,10 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from trmlx.data.fields import Row  # noqa: F401  (readers return Rows; callers import it from here too)
 from trmlx.errors import UserError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -19,14 +18,6 @@ _EXPECTED = {".jsonl": "one JSON object per line", ".ndjson": "one JSON object p
              ".json": "a JSON array of objects", ".csv": "a header row and at least one data row",
              ".tsv": "a header row and at least one data row", ".parquet": "at least one row"}
 _MAX_ERRORS = 20  # report this many bad rows at once, then a count of the rest
-
-
-@dataclass(frozen=True)
-class Row:
-    """One raw row and its origin, e.g. 'data/train.jsonl:12'."""
-
-    values: dict[str, Any]
-    origin: str
 
 
 def read_rows(path: str | Path, split: str = "train") -> list[Row]:
