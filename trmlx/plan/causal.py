@@ -39,22 +39,26 @@ from trmlx.recipe.schema import Recipe
 #                  quant_logits_fp32 more when MLX's head is quantised
 #   chunk_fp32     with a chunked loss: fp32 copies of one chunk's rows × vocabulary live at once (logits,
 #                  softmax, its gradient and the temporaries between); measured at vocabulary 152,064 by
-#                  `python benchmarks/loss_chunking.py` (MLX 9.9 at chunk 128, 8.8 at 512; torch 3.0 at both)
+#                  `python benchmarks/loss_chunking.py` (MLX 9.9 at chunk 128, 8.8 at 512; torch 3.0 at both).
+#                  single_chunk_fp32: the same when the batch's targets fit one chunk — MLX's lazy graph
+#                  overlaps the temporaries of ~3 successive chunks, a lone chunk has only its own (tiny
+#                  Llamas in `trmlx bench`: 3.5)
 #   prefill_*      eval generation: one layer's forward over the prompt chunk (no gradients)
 # Refit with `python benchmarks/plan_calibration.py` (benchmarks/results/plan_calibration-cpu.json: the data).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
         "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_layer_h": 0.0,
         "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 9.942, "ckpt_layer_scores": 1.571, "logits_fp32": 1.195,
-        "quant_logits_fp32": 0.883, "chunk_fp32": 9.5, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
+        "quant_logits_fp32": 0.883, "chunk_fp32": 9.5, "single_chunk_fp32": 3.5, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
     "torch": {
         "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767,
         "ckpt_layer_h": 6.644, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.223, "ckpt_layer_scores": 0.0,
-        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
+        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "single_chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
         "prefill_scores": 0.048},
 }
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
-              "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32")
+              "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32",
+              "single_chunk_fp32")
 EVAL_KEYS = ("prefill_h", "prefill_mlp", "prefill_scores")
 
 
@@ -219,9 +223,10 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
     if chunk:  # the head over target rows only, one chunk of them at a time (backends/*/loss.py)
         targets = min(target_tokens or tokens, tokens)
         rows = min(chunk, -(-targets // 64) * 64)
-        logits = rows * vocab * 4 * coef["chunk_fp32"] + 2 * targets * h * dt
+        copies = coef["chunk_fp32"] if targets > rows else coef["single_chunk_fp32"]
+        logits = rows * vocab * 4 * copies + 2 * targets * h * dt
         logits_doc = (f"chunked (train.loss_chunk_size = {chunk}): {rows:,} target rows × vocabulary {vocab:,} × "
-                      f"{coef['chunk_fp32']:g} fp32 copies at a time, + the {targets:,} target rows' hidden states "
+                      f"{copies:g} fp32 copies at a time, + the {targets:,} target rows' hidden states "
                       f"and their gradient (unchunked: {tokens * vocab * (dt + 4 * fp32_copies) / GB:.3f} GB)")
 
     cached = kv_positions(prompt_len + new_tokens, target)
