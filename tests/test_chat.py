@@ -135,3 +135,33 @@ def test_blank_assistant_turn_is_an_empty_field_dropped_and_shown(cli, write):
     (summary,) = json.loads(result.stdout)
     assert summary["rows"]["train"] == {"": 1}
     assert summary["warnings"] == ["dropped 1 rows with an empty 'messages' field"]
+
+
+def test_first_chat_losses_agree_across_backends(write, tmp_path):
+    """Both backends train from the same examples and collate, so the multi-turn masks are shared: same losses."""
+    pytest.importorskip("mlx.core", reason="parity needs both backends")
+    pytest.importorskip("torch", reason="the CUDA backend needs torch")
+    pytest.importorskip("peft", reason="the CUDA backend needs peft")
+    from trmlx import run as runner
+    from trmlx.report import read_log
+
+    recipe = chat_files(write, CHATS, '[peft]\nmethod = "lora"\nrank = 4\nalpha = 8\ndropout = 0.0\n'
+                                      '[train]\nsteps = 2\nbatch_size = 2\nlog_every = 1\neval_every = 0\n'
+                                      'save_every = 0\nwarmup_steps = 0\nlr = 1e-2\nseed = 0\n')
+    losses = {}
+    for backend in ("mlx", "cuda"):
+        setup = runner.resolve_run(str(recipe), backend, [], str(tmp_path / backend), None)
+        runner.train(setup, backend)
+        losses[backend] = [r["loss"] for r in read_log(tmp_path / backend / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses["mlx"]) == 2
+    for ours, theirs in zip(losses["mlx"], losses["cuda"]):
+        assert abs(ours - theirs) / abs(ours) < 1e-3, (losses)
+
+
+def test_prompt_completion_rows_load_too(write, tiny_tokenizer):
+    """The other non-default causal layout was dropped the same way (an empty 'source' built from no template)."""
+    write("pc.jsonl", [{"prompt": "hello world", "completion": "merhaba dünya"}])
+    recipe = load_recipe(write("r.toml", '[model]\npath = "m"\n[data]\ntrain = "pc.jsonl"\n'))
+    data = prepare_data(recipe)
+    assert [r.fields["completion"] for r in data.train] == ["merhaba dünya"] and not data.report.warnings()
+    assert format_example(data.train[0], recipe, tiny_tokenizer) == ("hello world", "merhaba dünya")
