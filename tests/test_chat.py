@@ -54,8 +54,8 @@ def test_every_assistant_turn_carries_loss_and_nothing_else(write, llama_tokeniz
     starts = [len(template_ids(llama_tokenizer, TWO_TURNS[:k], add_generation_prompt=True)) for k in (2, 4)]
     assert example.spans == ((starts[0], 56), (starts[1], 91)) == ((43, 56), (82, 91))
     trained = [list(example.input_ids[s:e]) for s, e in example.spans]
-    assert trained == [[48, 262, 75, 346, 68, 15, 308, 298, 384, 86, 281, 34, 2], [37, 267, 735, 224, 315, 315,
-                                                                                   331, 17, 2]]
+    assert trained == [[48, 262, 75, 346, 68, 15, 308, 298, 384, 86, 281, 34, 2],
+                       [37, 267, 735, 224, 315, 315, 331, 17, 2]]
     for ids, message in zip(trained, (TWO_TURNS[2], TWO_TURNS[4])):
         assert ids == llama_tokenizer.encode(message["content"], add_special_tokens=False) + [2]  # content + EOS
     batch = collate_causal([example], pad_id=0)
@@ -98,7 +98,8 @@ def test_trimming_template_with_a_default_system_message(write, llama_tokenizer)
     same, the template's headers stay masked."""
     tokenizer = llama_tokenizer.__class__.from_pretrained(TINY_LLAMA)
     tokenizer.chat_template = (
-        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|>\nSen yardımcısın.{{ eos_token }}{% endif %}"
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] != 'system' %}<|system|>\nSen yardımcısın.{{ eos_token }}{% endif %}"
         "{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n\n{% endif %}")
     chat = [{"role": "user", "content": " Ankara? "}, {"role": "assistant", "content": "  Başkent.\n"},
@@ -107,6 +108,20 @@ def test_trimming_template_with_a_default_system_message(write, llama_tokenizer)
     (example,), _ = tokenize(prepare_data(recipe).train, recipe, tokenizer)
     assert list(example.input_ids) == template_ids(tokenizer, chat)
     assert [tokenizer.decode(example.input_ids[s:e]) for s, e in example.spans] == ["Başkent.</s>", "Evet</s>"]
+
+
+def test_chatml_turns_end_at_their_own_special_token(write, llama_tokenizer):
+    """Qwen's ChatML closes turns with <|im_end|>, an added special token that is not EOS: it is the turn's end."""
+    tokenizer = llama_tokenizer.__class__.from_pretrained(TINY_LLAMA)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    recipe = chat_recipe(write, [CHATS[1]])
+    (example,), _ = tokenize(prepare_data(recipe).train, recipe, tokenizer)
+    assert list(example.input_ids) == template_ids(tokenizer, CHATS[1])
+    assert [tokenizer.decode(example.input_ids[s:e]) for s, e in example.spans] == ["Ankara.<|im_end|>",
+                                                                                   "İstanbul.<|im_end|>"]
 
 
 BAD = [

@@ -8,6 +8,7 @@ tokens with the fast tokenizer's offsets; system and user turns and the template
 
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Any, Sequence
 
@@ -104,10 +105,11 @@ def _added_special(tokenizer: Any) -> set[str]:
 
 def _token_spans(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Token index ranges whose characters overlap a character span (a token straddling a boundary belongs to the
-    span: the model must produce it)."""
+    span: the model must produce it). Offsets grow monotonically, so two bisections per span suffice."""
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
     out = []
     for start, end in spans:
-        inside = [i for i, (s, e) in enumerate(offsets) if (s < end and e > start) or (s == e and start <= s < end)]
-        if inside:
-            out.append((inside[0], inside[-1] + 1))
+        first, stop = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
+        if first < stop:
+            out.append((first, stop))
     return out
