@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import REPO
 from trmlx.data import prepare_data
 from trmlx.data.examples import Example, collate_causal, encode_prompt, format_example, tokenize
+from trmlx.errors import UserError
 from trmlx.recipe import load_recipe
 
 TINY_LLAMA = REPO / "recipes" / "models" / "tiny-llama-tr"
@@ -122,6 +123,20 @@ def test_chatml_turns_end_at_their_own_special_token(write, llama_tokenizer):
     assert list(example.input_ids) == template_ids(tokenizer, CHATS[1])
     assert [tokenizer.decode(example.input_ids[s:e]) for s, e in example.spans] == ["Ankara.<|im_end|>",
                                                                                    "İstanbul.<|im_end|>"]
+
+
+def test_a_template_that_rejects_the_conversation_names_the_row(write, llama_tokenizer):
+    tokenizer = llama_tokenizer.__class__.from_pretrained(TINY_LLAMA)
+    tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                               "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                               "{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    chat = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    path = chat_files(write, [chat])
+    recipe = load_recipe(path)
+    with pytest.raises(UserError) as err:
+        tokenize(prepare_data(recipe).train, recipe, tokenizer)
+    assert str(err.value) == (f"{path.parent / 'chat.jsonl'}:1: the model's chat template rejects this "
+                              "conversation: roles must alternate user/assistant")
 
 
 BAD = [
