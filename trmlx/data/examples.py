@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from trmlx.data.chat import encode_conversation, render_chat
 from trmlx.data.fields import render as render_fields
 from trmlx.data.prepare import Record
 from trmlx.errors import UserError
@@ -19,12 +20,14 @@ from trmlx.recipe.schema import Recipe
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenised example. Causal: loss on input_ids[prompt_len:]. Seq2seq: input_ids → target_ids."""
+    """One tokenised example. Causal: loss on input_ids[prompt_len:], or on the token `spans` of a multi-turn
+    chat (every assistant turn; prompt_len is then where the first one starts). Seq2seq: input_ids → target_ids."""
 
     input_ids: tuple[int, ...]
     prompt_len: int = 0
     target_ids: tuple[int, ...] = ()
     task: str = ""
+    spans: tuple[tuple[int, int], ...] = ()  # [start, end) token ranges that carry loss; () = input_ids[prompt_len:]
 
     @property
     def length(self) -> int:
@@ -44,10 +47,8 @@ def format_example(record: Record, recipe: Recipe, tokenizer: Any = None) -> tup
     prefix = task.prefix if task else ""
     if recipe.task == "seq2seq":
         return prefix + render(template or "{input}", f), f["target"]
-    if "messages" in f:
+    if "messages" in f:  # eval and generate: the conversation up to its last (assistant) turn, which is scored
         messages = list(f["messages"])
-        if not messages or messages[-1]["role"] != "assistant":
-            raise UserError(f"{record.origin}: the last message must be the assistant's answer to train on")
         return _chat_prompt(messages[:-1], tokenizer, record.origin), messages[-1]["content"]
     source_role = "prompt" if "prompt" in f else "source"
     target = f["completion"] if "completion" in f else f["target"]
@@ -59,10 +60,7 @@ def format_example(record: Record, recipe: Recipe, tokenizer: Any = None) -> tup
 
 
 def _chat_prompt(messages: list[dict[str, str]], tokenizer: Any, origin: str) -> str:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{origin}: chat formatting needs a tokenizer with a chat template, and this model's "
-                        "tokenizer has none; set data.chat = false and use data.template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(messages, tokenizer, origin, add_generation_prompt=True)
 
 
 def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any, split: str = "train",
@@ -78,6 +76,14 @@ def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any, split: s
     data = recipe.data
     shortest = [10**9] * 3  # shortest prompt, target and prompt + target in tokens: the numbers for the error
     for record in records:
+        if recipe.task == "causal" and "messages" in record.fields:
+            ids, spans = encode_conversation(record.fields["messages"], tokenizer, record.origin)
+            prompt_len, trained = spans[0][0], sum(e - s for s, e in spans)
+            shortest = [min(a, b) for a, b in zip(shortest, (prompt_len, trained, len(ids)))]
+            example = _fit_conversation(ids, spans, record.task, data.max_length, data.too_long, stats)
+            if example:
+                examples.append(example)
+            continue
         prompt, target = format_example(record, recipe, tokenizer)
         prompt_ids = encode_prompt(prompt, tokenizer)
         target_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -105,6 +111,20 @@ def tokenize(records: Sequence[Record], recipe: Recipe, tokenizer: Any, split: s
     if records and not examples and require_fit:
         raise UserError(_nothing_fits(recipe, len(records), split, *shortest))
     return examples, stats
+
+
+def _fit_conversation(ids: list[int], spans: list[tuple[int, int]], task: str, max_length: int, too_long: str,
+                      stats: Counter) -> Example | None:
+    """A conversation cut to max_length like a single turn: dropped (counted) when the policy says so or when no
+    assistant token is left inside the window, else truncated at the window with the spans clipped to it."""
+    if len(ids) > max_length:
+        if too_long == "drop" or spans[0][0] >= max_length:
+            stats["dropped_too_long"] += 1
+            return None
+        stats["truncated"] += 1
+        ids = ids[:max_length]
+        spans = [(s, min(e, max_length)) for s, e in spans if s < max_length]
+    return Example(tuple(ids), spans[0][0], (), task, tuple(spans))
 
 
 def _nothing_fits(recipe: Recipe, rows: int, split: str, prompt: int, target: int, total: int) -> str:
@@ -175,7 +195,8 @@ def collate_causal(examples: Sequence[Example], pad_id: int) -> dict[str, np.nda
     mask = np.zeros((len(examples), width), dtype=np.float32)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = e.input_ids
-        mask[row, e.prompt_len : len(e.input_ids)] = 1.0
+        for start, end in e.spans or ((e.prompt_len, len(e.input_ids)),):
+            mask[row, start:end] = 1.0
     # Position t predicts token t+1, so the mask moves one to the left with the targets.
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": mask[:, 1:]}
 

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from trmlx.data.chat import conversation_problem
 from trmlx.data.fields import MISSING, columns_of, get_path, is_empty, placeholders, render
 from trmlx.data.readers import Row, read_rows
 from trmlx.errors import UserError
@@ -106,6 +107,8 @@ def prepare_data(recipe: Recipe) -> PreparedData:
 def target_of(record: Record) -> str:
     """The text trained on as the answer (the first gold answer when there are several)."""
     f = record.fields
+    if f.get("messages"):  # a conversation is scored on its last assistant turn
+        return f["messages"][-1]["content"]
     return f.get("target", f.get("completion", f.get("positive", "")))
 
 
@@ -199,9 +202,9 @@ def _to_records(kind: str, rows: list[Row], mapping: dict[str, str], template: s
             if missing:  # a late row may lack a column the first rows had
                 errors.append(f"{row.origin}: missing field '{missing}' (used by the template)")
                 continue
-            for role in TASK_LAYOUTS[kind][0][:1]:
-                if role not in roles:  # the template builds this role from other columns
-                    values[role] = render(template, values)
+            first = TASK_LAYOUTS[kind][0]
+            if template and first[0] not in roles and all(r in roles for r in first[1:]):
+                values[first[0]] = render(template, values)  # the template builds the input role from columns
             if negative_columns and "negatives" not in roles:
                 values["negatives"] = [row.values[c] or "" for c in negative_columns]
             records.append(Record(values, row.origin, task or str(values.get("task", "") or ""), references))
@@ -255,7 +258,7 @@ def _type_problem(role: str, value: Any) -> str | None:
     if role == "messages":
         ok = isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                              and isinstance(m.get("role"), str) for m in value)
-        return None if ok else "should be a list of {role, content} messages"
+        return conversation_problem(value) if ok else "should be a list of {role, content} messages"
     if role == "negatives":
         ok = isinstance(value, list) and all(isinstance(v, str) or v is None for v in value)
         return None if ok else f"should be a list of texts, got {_kind(value)}"
@@ -283,6 +286,8 @@ def _clean(recipe: Recipe, task: TaskConfig, split: str, records: list[Record], 
         f = record.fields
         empty = next((r for r in content_roles if r in f and is_empty(f[r])), None)
         empty = empty or next((p for p in filled if is_empty(get_path(f, p))), None)
+        if not empty and any(m["role"] == "assistant" and is_empty(m["content"]) for m in f.get("messages", ())):
+            empty = "messages"  # a blank assistant turn teaches nothing but to stop at once
         if empty:
             if recipe.data.on_empty == "error":
                 raise UserError(f"{record.origin}: empty field '{empty}' (set data.on_empty = \"drop\" to skip "

@@ -19,13 +19,6 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(max(values))}
 
 
-def target_text(record: Record) -> str:
-    f = record.fields
-    if "messages" in f:
-        return f["messages"][-1]["content"] if f["messages"] else ""
-    return target_of(record)
-
-
 def load_local_tokenizer(model_path: str) -> tuple[Any, str]:
     """The model's tokenizer if it is on this machine (model folder or hub cache), else (None, why not)."""
     try:
@@ -73,7 +66,7 @@ def summarize(recipe: Recipe, data: PreparedData, tokenizer: Any = None) -> dict
 
 def _lengths(records: list[Record], examples: list | None) -> dict[str, dict[str, int]]:
     lengths = {"input_chars": percentiles([len(input_text(r)) for r in records]),
-               "target_chars": percentiles([len(target_text(r)) for r in records])}
+               "target_chars": percentiles([len(target_of(r)) for r in records])}
     if examples is not None:
         lengths["tokens"] = percentiles([e.length for e in examples])
     return lengths
