@@ -36,7 +36,7 @@ NEEDS = {"causal": "a decoder LM (Llama, Qwen, ...)", "seq2seq": "an encoder-dec
 # Files one of which a loadable tokenizer needs (fast, SentencePiece, WordPiece, byte-level BPE, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
                    "vocab.json", "vocab.model")
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+DATA_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 FOLDER_HINT = "expected a Hugging Face model folder (config.json, model weights, tokenizer files)"
 
 
@@ -89,6 +89,8 @@ def read_model_config(folder: Path, key: str = "model.path") -> tuple[dict[str, 
     if not config_path.is_file():
         data = sorted(p.name for p in folder.iterdir() if p.suffix in DATA_SUFFIXES)[:3]
         seen = f" (it holds {', '.join(data)}: a data folder?)" if data else ""
+        if (folder / "adapter_config.json").is_file():  # a PEFT / mlx-lm adapter goes on top of its base model
+            seen = " (it holds adapter_config.json: an adapter, which needs its base model; pass it with --adapter)"
         raise UserError(f"{key}: {folder}: no config.json{seen}; {FOLDER_HINT}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -37,9 +37,9 @@ def _model_target(model_path: str, backend: str | None) -> Target:
         check_model_folder(str(path), key="--model")  # the one-line "a file; expected a model folder"
     found = folder_kind(path, "--model")
     if found.kind == "embedding":
-        raise UserError(f"--model: {model_path}: model_type {found.model_type!r} is an encoder: it turns text into "
-                        "vectors and does not generate; use it in an embedding recipe (task = \"embedding\") with "
-                        "trmlx search RECIPE --corpus FILE QUERY, or trmlx eval RECIPE")
+        raise UserError(f"--model: {model_path}: model_type {found.model_type!r} is an embedding model (an "
+                        "encoder): it turns text into vectors and does not generate; use it in an embedding recipe "
+                        "(task = \"embedding\") with trmlx search RECIPE --corpus FILE QUERY, or trmlx eval RECIPE")
     check_model_folder(str(path), found.kind, key="--model")
     return Target(Recipe(name=path.name, task=found.kind, model=ModelConfig(path=str(path))), None,
                   backend or "mlx", None)
