@@ -87,10 +87,10 @@ def test_generate_model_on_an_encoder_is_one_line_pointing_to_search_and_eval(cl
     for backend in ("mlx", "cuda"):
         result = cli("generate", "--model", minilm.get_model_path(), "-p", "merhaba", "--backend", backend)
         assert result.exit_code == 2
-        assert result.stderr == (f"error: --model: {minilm.get_model_path()}: model_type 'bert' is an embedding model "
-                                 "(an encoder): it turns text into vectors and does not generate; use it in an embedding recipe "
-                                 "(task = \"embedding\") with trmlx search RECIPE --corpus FILE QUERY, or trmlx "
-                                 "eval RECIPE\n")
+        assert result.stderr == (f"error: --model: {minilm.get_model_path()}: model_type 'bert' is an embedding "
+                                 "model (an encoder): it turns text into vectors and does not generate; use it in an "
+                                 "embedding recipe (task = \"embedding\") with trmlx search RECIPE --corpus FILE "
+                                 "QUERY, or trmlx eval RECIPE\n")
 
 
 DECODER, ENC_DEC = "a decoder LM (Llama, Qwen, ...)", "an encoder-decoder (T5, mT5, ...)"
