@@ -18,7 +18,9 @@ class CUDABackend:
 
     def load(self, recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         from trmlx.backends.cuda.model import load
+        from trmlx.models import check_model_folder
 
+        check_model_folder(recipe.model.path, recipe.task)  # a bad local folder is one line, not a loader traceback
         return load(recipe, adapter)
 
     def train(self, loaded: LoadedModel, recipe: Recipe, train: Sequence[Example], valid: Sequence[Example],

@@ -75,7 +75,11 @@ def load(recipe: Recipe, path: str | Path | None = None, train: bool = False) ->
     train=True, LoRA/DoRA attached (A from the core's seeded init, as on CUDA) or every weight trainable."""
     from trmlx.backends.mlx.adapters import apply_lora
 
+    from trmlx.models import check_model_folder
+
     emb, base = recipe.embedding, path is None  # the base follows the recipe; a saved folder is what it says
+    if base:
+        check_model_folder(model_path(recipe), recipe.task)  # a bad local folder is one line, not a traceback
     encoder = load_sentence_encoder(path or model_path(recipe), dtype=DTYPES[recipe.model.dtype],
                                     pooling=emb.pooling if base and emb.pooling != "auto" else None,
                                     normalize=emb.normalize if base else None)

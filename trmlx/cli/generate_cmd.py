@@ -24,11 +24,25 @@ if TYPE_CHECKING:
 
 
 def _model_target(model_path: str, backend: str | None) -> Target:
-    """A bare model folder, no run and no adapter: default recipe fields, so the prompt is used as written."""
+    """A bare model folder, no run and no adapter: default recipe fields, so the prompt is used as written; the
+    task (causal or seq2seq) is the model's own kind, read from its config.json."""
+    from trmlx.models import check_model_folder, folder_kind
     from trmlx.recipe.schema import ModelConfig, Recipe
 
-    path = Path(model_path).expanduser().resolve()
-    return Target(Recipe(name=path.name, model=ModelConfig(path=str(path))), None, backend or "mlx", None)
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise UserError(f"--model: {model_path}: no such folder; expected a Hugging Face model folder")
+    path = path.resolve()
+    if not path.is_dir():
+        check_model_folder(str(path), key="--model")  # the one-line "a file; expected a model folder"
+    found = folder_kind(path, "--model")
+    if found.kind == "embedding":
+        raise UserError(f"--model: {model_path}: model_type {found.model_type!r} is an embedding model (an "
+                        "encoder): it turns text into vectors and does not generate; use it in an embedding recipe "
+                        "(task = \"embedding\") with trmlx search RECIPE --corpus FILE QUERY, or trmlx eval RECIPE")
+    check_model_folder(str(path), found.kind, key="--model")
+    return Target(Recipe(name=path.name, task=found.kind, model=ModelConfig(path=str(path))), None,
+                  backend or "mlx", None)
 
 
 def prompt_ids(text: str, target: Target, tokenizer: Any, raw: bool) -> list[int]:
@@ -71,8 +85,9 @@ def _complete(backend: "Backend", loaded: "LoadedModel", ids: list[int], setting
 @click.argument("target", required=False, metavar="[RUN_DIR|RECIPE]")
 @click.option("--prompt", "-p", default=None, help="Text to complete (formatted like the training prompts).")
 @click.option("--interactive", "-i", is_flag=True, help="Read prompts in a loop; `exit` or end of input quits.")
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A model folder to use without a run (no adapter, prompt used as written).")
+@click.option("--model", "model_path", default=None, metavar="DIR",
+              help="A model folder to use without a run (no adapter, prompt used as written); its config.json says "
+                   "whether it runs as a decoder LM or an encoder-decoder (T5/mT5).")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="PEFT or mlx-lm adapter folder (default RUN_DIR/adapter).")
 @click.option("--no-adapter", is_flag=True, help="Use the base model of the run, without its adapter.")

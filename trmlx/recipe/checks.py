@@ -103,6 +103,12 @@ def model_is_gated_t5(model_path: str) -> bool:
     return bool(_GATED_T5.search(model_path))
 
 
+def _model_kind_problem(task: str, path: str) -> str | None:
+    from trmlx.models import kind_problem  # imported here: trmlx.models reads configs through trmlx.plan
+
+    return kind_problem(task, path)
+
+
 def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, str]]:
     """Return (key path, message) for every impossible combination of settings."""
     from trmlx.metrics import metric_kind, metric_names
@@ -111,6 +117,8 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
     model, data, peft, train = recipe.model, recipe.data, recipe.peft, recipe.train
     if not model.path:
         problems.append(("model.path", "required: a hub id or a model directory"))
+    elif problem := _model_kind_problem(recipe.task, model.path):
+        problems.append(("model.path", problem))
     sources = [bool(data.train), bool(data.dataset), bool(data.tasks)]
     if sum(sources) == 0:
         problems.append(("data.train", "no training data: set data.train (files), data.dataset (hub) "
