@@ -16,7 +16,6 @@ from typing import Any
 
 from trmlx.errors import UserError
 from trmlx.integrity import safetensors_problem
-from trmlx.plan.config import transformer_config
 
 # model_type values of encoder-decoders (transformers' AutoModelForSeq2SeqLM families) and of encoders that have
 # no decoder head; everything else with a config is a decoder LM. is_encoder_decoder in a config also counts.
@@ -38,6 +37,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentenc
                    "vocab.json", "vocab.model")
 DATA_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 FOLDER_HINT = "expected a Hugging Face model folder (config.json, model weights, tokenizer files)"
+
+
+def transformer_config(folder: Path) -> Path | None:
+    """config.json of a sentence-transformers folder whose Transformer module sits in a subfolder
+    (modules.json: {"type": "...Transformer", "path": "0_Transformer"}); None when there is none."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return None
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    sub = next((m.get("path", "") for m in entries if str(m.get("type", "")).endswith("Transformer")), "")
+    config = folder / sub / "config.json"
+    return config if config.is_file() else None
 
 
 @dataclass(frozen=True)

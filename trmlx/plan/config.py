@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from trmlx.errors import UserError
+from trmlx.models import transformer_config
 from trmlx.recipe.checks import model_path
 from trmlx.recipe.schema import Recipe
 
@@ -64,18 +65,3 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read it as JSON ({err})") from None
-
-
-def transformer_config(folder: Path) -> Path | None:
-    """config.json of a sentence-transformers folder whose Transformer module sits in a subfolder
-    (modules.json: {"type": "...Transformer", "path": "0_Transformer"}); None when there is none."""
-    modules = folder / "modules.json"
-    if not modules.is_file():
-        return None
-    try:
-        entries = json.loads(modules.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    sub = next((m.get("path", "") for m in entries if str(m.get("type", "")).endswith("Transformer")), "")
-    config = folder / sub / "config.json"
-    return config if config.is_file() else None
