@@ -195,7 +195,9 @@ def test_a_failed_run_can_be_rerun_with_the_same_output_but_an_interrupted_one_i
                                                                                       interrupted):
     import numpy as np
 
-    module, out = train_module("mlx"), tmp_path / "run"
+    from trmlx.data import packing as module  # where the training loops' batches are collated
+
+    out = tmp_path / "run"
     real, calls = module.collate, [0]
 
     def poisoned(*args, **kwargs):  # the loss turns NaN in step 3, after the checkpoint of step 2

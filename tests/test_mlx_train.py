@@ -122,10 +122,10 @@ def test_adafactor_trains(tmp_path):
 def test_nan_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import numpy as np
 
-    from trmlx.backends.mlx import train as mlx_train
+    from trmlx.data import packing  # where the training loops' batches are collated
     from trmlx.errors import UserError
 
-    real = mlx_train.collate
+    real = packing.collate
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -135,7 +135,7 @@ def test_nan_loss_stops_within_one_step_and_keeps_the_last_checkpoint(tmp_path, 
             batch["mask"] = batch["mask"] * np.float32("nan")
         return batch
 
-    monkeypatch.setattr(mlx_train, "collate", poisoned)
+    monkeypatch.setattr(packing, "collate", poisoned)
     setup = runner.resolve_run(QUICKSTART, "mlx", SHORT + ["train.steps=10", "train.eval_every=0"],
                                str(tmp_path / "nan"), None)
     with pytest.raises(UserError) as err:

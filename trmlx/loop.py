@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from trmlx.checkpoints import KEEP_CHECKPOINTS, Checkpoints, Position  # noqa: F401  (the loop's public names)
-from trmlx.data.examples import Example, bucket_batches
+from trmlx.data.examples import Example, bucket_batches, round_up
 from trmlx.errors import UserError
-from trmlx.recipe.schema import TrainConfig
+from trmlx.recipe.schema import Recipe, TrainConfig
 from trmlx.report import StepReport
 
 # Model families whose logits are exactly lm_head(backbone(inputs)) (no scaling or soft-capping after the head):
@@ -27,6 +27,22 @@ CHUNKED_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 def chunked_loss(model_type: str, peft_method: str) -> bool:
     """Whether a model's loss is chunked: its family's head splits off, and no virtual tokens shift positions."""
     return model_type in CHUNKED_LOSS_TYPES and peft_method not in ("prompt", "prefix")
+
+
+def require_packable(recipe: Recipe, config: dict, head_splits: bool) -> None:
+    """With data.packing, stop unless the model trains packed rows exactly (trmlx.data.packing): rotary positions
+    (only distances count, so a row's running positions equal each example's own), a head that splits off (the
+    packed forward passes its own attention mask to the backbone) and no sliding window narrower than a row."""
+    if not recipe.data.packing:
+        return
+    model_type, width = config.get("model_type", ""), round_up(recipe.data.max_length - 1)
+    if model_type not in CHUNKED_LOSS_TYPES or not head_splits:
+        raise UserError(f"data.packing: model type {model_type!r} cannot be packed exactly; packing supports "
+                        f"{', '.join(sorted(CHUNKED_LOSS_TYPES))} (rotary positions); set data.packing = false")
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", model_type == "mistral") and window < width:
+        raise UserError(f"data.packing: the model's sliding window ({window} tokens) is narrower than a packed "
+                        f"row ({width}); set data.max_length <= {window} or data.packing = false")
 
 
 class BatchCursor:

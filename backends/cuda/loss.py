@@ -83,7 +83,10 @@ def chunked_token_loss(parts: tuple[torch.nn.Module, torch.nn.Linear], batch: di
     """Summed cross-entropy over target tokens and their count: the head over `loss_rows` only (see
     trmlx.data.examples.with_loss_rows), one chunk of rows at a time; the same sum and gradients as unchunked."""
     backbone, head = parts
-    hidden = backbone(input_ids=batch["inputs"].long(), use_cache=False).last_hidden_state
+    # Packed rows (trmlx.data.packing) bring their block-diagonal causal mask: a 4D boolean mask, which
+    # transformers passes to SDPA as it is.
+    attend = {"attention_mask": batch["attend"]} if "attend" in batch else {}
+    hidden = backbone(input_ids=batch["inputs"].long(), use_cache=False, **attend).last_hidden_state
     rows, chunk = batch["loss_rows"].reshape(-1).long(), batch["loss_rows"].shape[1]
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     targets = batch["targets"].long().reshape(-1).index_select(0, rows)

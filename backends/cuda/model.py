@@ -15,6 +15,7 @@ from trmlx.adapters import layer_indices, lora_a_init, peft_target_modules
 from trmlx.backend import LoadedModel
 from trmlx.distributed import is_main
 from trmlx.errors import UserError
+from trmlx.loop import require_packable
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import PeftConfig, Recipe
 
@@ -93,6 +94,7 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     handle = {"dtype": dtype_name, "dtype_reason": reason, "device": info, "peft": peft, "base": cfg.path,
               # target rows per chunk of the head + cross-entropy; 0 where the model's head cannot be split off
               "loss_chunk": recipe.train.loss_chunk_size if split_head(model) else 0}
+    require_packable(recipe, model.config.to_dict(), split_head(model) is not None)
     if recipe.task == "seq2seq":
         handle["decoder_start_id"] = model.config.decoder_start_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, handle=handle)

@@ -15,6 +15,7 @@ import torch
 
 from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate, with_loss_rows
+from trmlx.data.packing import TrainBatches
 from trmlx.distributed import is_main, world_size
 from trmlx.distributed import rank as distributed_rank
 from trmlx.errors import TrainingInterrupted, UserError
@@ -103,9 +104,10 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     decoder_start = loaded.handle.get("decoder_start_id")
     require_examples(train_set)
     checkpoints = Checkpoints(RunDir(Path(run_dir)), backend="cuda")
-    lengths = [e.length for e in train_set]
+    # Length-bucketed examples, or packed rows of them (data.packing): the cursor batches whichever it is.
+    data = TrainBatches(train_set, pad, decoder_start, chunk, recipe.data.packing, recipe.data.max_length)
     # A data-parallel step consumes world × grad_accum micro-batches.
-    steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size / world_size()))
+    steps = total_steps(cfg, math.ceil(len(data.lengths) / cfg.batch_size / world_size()))
     schedule = Schedule(cfg, steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params)
@@ -115,7 +117,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     if resume:
         last_checkpoint, position = checkpoints.latest()
         restore_state(last_checkpoint, model, optimizer, scaler)
-    batches = BatchCursor(lengths, cfg.batch_size, cfg.seed, position)
+    batches = BatchCursor(data.lengths, cfg.batch_size, cfg.seed, position)
     rank, world = distributed_rank(), world_size()
     window = ReportWindow(position)
     model.train()
@@ -139,8 +141,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             torch.manual_seed(step_seed(cfg, position.step))
             # All ranks walk the same order; this rank takes every world-th micro-batch of the step.
             step_batches = [batches.next() for _ in range(cfg.grad_accum * world)]
-            micro = [with_loss_rows(collate([train_set[i] for i in b], pad, decoder_start), chunk)
-                     for b in step_batches[rank::world]]
+            micro = [data.collate(b) for b in step_batches[rank::world]]
             token_sum = distributed.sum_scalar(float(sum(m["mask"].sum() for m in micro)))
             loss_sum = torch.zeros((), device=device())
             for arrays in micro:

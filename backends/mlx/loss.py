@@ -34,11 +34,20 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[mx.arr
     return (backbone, head, head) if head is not None else None
 
 
+def packed_hidden(backbone: nn.Module, batch: dict[str, mx.array]) -> mx.array:
+    """The backbone over packed rows (trmlx.data.packing): mlx-lm's own layers, given the block-diagonal causal
+    mask `attend` in place of the plain causal one (its model call takes no mask)."""
+    hidden = backbone.embed_tokens(batch["inputs"])
+    for layer in backbone.layers:
+        hidden = layer(hidden, batch["attend"])
+    return backbone.norm(hidden)
+
+
 def chunked_token_loss(parts: tuple, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
     """Summed cross-entropy over target tokens and their count: the head over `loss_rows` only (see
     trmlx.data.examples.with_loss_rows), one (chunk,) row of them at a time; the same sum as the unchunked loss."""
     backbone, head_module, head = parts
-    hidden = backbone(batch["inputs"])
+    hidden = backbone(batch["inputs"]) if "attend" not in batch else packed_hidden(backbone, batch)
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), batch["targets"].reshape(-1)
 
     def chunk_loss(h: mx.array, t: mx.array, w: mx.array) -> mx.array:

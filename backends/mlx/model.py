@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from trmlx.backend import LoadedModel
 from trmlx.errors import UserError
+from trmlx.loop import require_packable
 from trmlx.recipe.schema import Recipe
 
 import trmlx.backends.mlx.t5_prompt as t5_prompt
@@ -85,6 +86,7 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
               "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
               # target rows per chunk of the head + cross-entropy; 0 where the model's head cannot be split off
               "loss_chunk": recipe.train.loss_chunk_size if split_head(model) else 0}
+    require_packable(recipe, config, split_head(model) is not None)
     if seq2seq:
         handle["decoder_start_id"] = config.get("decoder_start_token_id", hf_tokenizer.pad_token_id)
         handle["checkpoint_block"] = getattr(model, "base", model).encoder.block[0]  # one class, both stacks

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trmlx.backend import LoadedModel
 from trmlx.data.examples import Example, bucket_batches, collate, with_loss_rows
+from trmlx.data.packing import TrainBatches
 from trmlx.errors import TrainingInterrupted, UserError
 from trmlx.loop import (BatchCursor, Checkpoints, Position, ReportWindow, Schedule, diverged, due_records,
                         interrupts_deferred, require_examples, rewind, step_records, step_seed, validate)
@@ -80,8 +81,9 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     decoder_start = loaded.handle.get("decoder_start_id")
     require_examples(train_set)
     checkpoints = Checkpoints(RunDir(Path(run_dir)), backend="mlx")
-    lengths = [e.length for e in train_set]
-    steps = total_steps(cfg, math.ceil(len(train_set) / cfg.batch_size))
+    # Length-bucketed examples, or packed rows of them (data.packing): the cursor batches whichever it is.
+    data = TrainBatches(train_set, pad, decoder_start, chunk, recipe.data.packing, recipe.data.max_length)
+    steps = total_steps(cfg, math.ceil(len(data.lengths) / cfg.batch_size))
     schedule = Schedule(cfg, steps)
     optimizer = make_optimizer(recipe)
     block = loaded.handle.get("checkpoint_block") or model.layers[0]
@@ -104,7 +106,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     if resume:
         last_checkpoint, position = checkpoints.latest()
         restore_state(last_checkpoint, model, optimizer)
-    batches = BatchCursor(lengths, cfg.batch_size, cfg.seed, position)
+    batches = BatchCursor(data.lengths, cfg.batch_size, cfg.seed, position)
     window = ReportWindow(position)
     mx.reset_peak_memory()
 
@@ -125,8 +127,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             mx.random.seed(step_seed(cfg, position.step))
             grads, loss_sum, token_sum = None, mx.array(0.0), mx.array(0.0)
             for _ in range(cfg.grad_accum):
-                batch = with_loss_rows(collate([train_set[i] for i in batches.next()], pad, decoder_start),
-                                       chunk)
+                batch = data.collate(batches.next())
                 (loss, count), g = micro_step(to_mx(batch))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum, token_sum = loss_sum + loss, token_sum + count

@@ -184,13 +184,13 @@ def collate(examples: Sequence[Example], pad_id: int, decoder_start_id: int | No
 PAD_MULTIPLE = 8  # batch widths are rounded up to this: few compiled shapes (MLX), tensor-core friendly (CUDA)
 
 
-def _round_up(n: int) -> int:
+def round_up(n: int) -> int:
     return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def collate_causal(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded next-token batch: inputs, targets and a loss mask that is 1 only on target tokens."""
-    width = _round_up(max(len(e.input_ids) for e in examples) - 1) + 1  # inputs/targets are width - 1 long
+    width = round_up(max(len(e.input_ids) for e in examples) - 1) + 1  # inputs/targets are width - 1 long
     ids = np.full((len(examples), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(examples), width), dtype=np.float32)
     for row, e in enumerate(examples):
@@ -220,8 +220,8 @@ def with_loss_rows(batch: dict[str, np.ndarray], chunk: int) -> dict[str, np.nda
 def collate_seq2seq(examples: Sequence[Example], pad_id: int, decoder_start_id: int) -> dict[str, np.ndarray]:
     """Encoder inputs with attention mask; decoder inputs start with decoder_start_id; targets masked at padding."""
     n = len(examples)
-    src_w = _round_up(max(len(e.input_ids) for e in examples))
-    tgt_w = _round_up(max(len(e.target_ids) for e in examples))
+    src_w = round_up(max(len(e.input_ids) for e in examples))
+    tgt_w = round_up(max(len(e.target_ids) for e in examples))
     inputs = np.full((n, src_w), pad_id, dtype=np.int32)
     attention = np.zeros((n, src_w), dtype=np.int32)
     targets = np.full((n, tgt_w), pad_id, dtype=np.int32)

@@ -152,6 +152,13 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
         problems.append(("peft.dropout", "MLX recomputes checkpointed layers with a new dropout mask, which "
                                          "gives wrong gradients; set peft.dropout = 0 (e.g. in [backend.mlx.peft]) "
                                          "or train.grad_checkpoint = false"))
+    if data.packing and recipe.task != "causal":
+        problems.append(("data.packing", f"packs causal examples; a {recipe.task} recipe trains unpacked (set "
+                                         "data.packing = false)"))
+    elif data.packing and peft.method in ("prefix", "prompt"):
+        problems.append(("data.packing", f"{peft.method} tuning puts its virtual tokens before a whole row, which "
+                                         "packed examples would share; use lora, dora or full, or set "
+                                         "data.packing = false"))
     if recipe.task == "seq2seq" and data.chat:
         problems.append(("data.chat", "chat templates apply to causal models, not seq2seq"))
     if recipe.task == "seq2seq" and model.dtype == "fp16":

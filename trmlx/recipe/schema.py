@@ -80,6 +80,10 @@ class DataConfig:
                           minimum=8)
     max_target_length: int = doc(128, "Longest tokenised target (seq2seq) and default generation budget.", minimum=1)
     too_long: Literal["truncate", "drop"] = doc("truncate", "What to do with rows longer than max_length.")
+    packing: bool = doc(False, "Causal training: place examples side by side in rows of max_length tokens (one "
+                               "batch shape, almost no padding); attention stays inside each example, so each "
+                               "loss is its unpacked one. RoPE families (llama, mistral, qwen2, qwen3); not with "
+                               "prefix or prompt tuning. train.batch_size then counts rows.")
     on_empty: Literal["drop", "error"] = doc("drop", "Rows with an empty or whitespace-only field: drop (counted) "
                                                      "or stop with an error naming file and line.")
     dedup: bool = doc(False, "Remove exact duplicate rows (they are always counted and reported).")
