@@ -150,7 +150,8 @@ def child_mlx_lm(data_file: Path, workdir: Path) -> dict[str, Any]:
                   iterate_batches=counting_batches)
     return {"steps": iters, "target_tokens": sum(targets[:iters]),
             "seconds": sum(1.0 / r["iterations_per_second"] for r in recorder.reports),
-            "peak_gb": max(r["peak_memory"] for r in recorder.reports), "final_loss": recorder.reports[-1]["train_loss"]}
+            "peak_gb": max(r["peak_memory"] for r in recorder.reports),
+            "final_loss": recorder.reports[-1]["train_loss"]}
 
 
 def child_hf(data_file: Path, workdir: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ attention of a row is block-diagonal causal: a position sees only the earlier po
 row's positions run on (0 … width-1) rather than restarting per example: RoPE scores depend only on the distance
 between query and key, which within one example is the same packed or unpacked, so each example's logits and loss
 are its unpacked ones up to float rounding (tests/test_packing.py: 1e-5). Families with absolute position
-embeddings cannot be packed this way, and trmlx.loop.packing_problem refuses them.
+embeddings cannot be packed this way, and trmlx.loop.require_packable refuses them.
 """
 
 from __future__ import annotations
