@@ -194,3 +194,21 @@ def straight_packed(tmp_path_factory):
         return done[backend]
 
     return get
+
+
+def test_batch_layout_counts_padding_both_ways():
+    from trmlx.data.packing import batch_layout
+
+    examples = [Example(tuple(range(1, n + 1)), prompt_len=1) for n in (5, 9, 3)]  # 4, 8, 2 positions
+    # bucketed: [3, 5] padded to 8 positions each (rounded to 8), [9] to 8: 24 positions for 14 real
+    # packed into rows of 8: [9], [5 + 3]: 16 positions
+    assert batch_layout(examples, batch_size=2, max_length=9) == {
+        "bucketed": {"batches": 2, "padding": round(1 - 14 / 24, 4)},
+        "packed": {"batches": 1, "rows": 2, "width": 8, "padding": round(1 - 14 / 16, 4)}}
+
+
+def test_check_shows_both_batch_layouts(cli):
+    result = cli("check", str(QUICKSTART), "--set", "data.packing=true")
+    assert result.exit_code == 0, result.stderr
+    assert ("train batches of 8: bucketed 34 a pass, 7% padding; packed 17 of 128-position rows, 5% padding "
+            "(in use)") in result.stdout

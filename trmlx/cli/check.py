@@ -75,6 +75,13 @@ def _render(results: list[dict[str, Any]]) -> None:
             if t["truncated"] or t["dropped"]:
                 console.print(f"  [yellow]{split}: {t['truncated']} truncated, {t['dropped']} dropped at max_length "
                               f"{t['max_length']} (of {t['rows_checked']} rows checked)[/]")
+        if s.get("batches"):
+            b, on = s["batches"], s["batches"]["packing"]
+            console.print(f"  train batches of {b['batch_size']}: bucketed {b['bucketed']['batches']} a pass, "
+                          f"{b['bucketed']['padding']:.0%} padding{' (in use)' if not on else ''}; packed "
+                          f"{b['packed']['batches']} of {b['packed']['width']}-position rows, "
+                          f"{b['packed']['padding']:.0%} padding{' (in use)' if on else ' (data.packing = true)'}",
+                          highlight=False)
         for warning in s["warnings"]:
             console.print(f"  [yellow]warning:[/] {warning}")
         console.print(f"  tokenizer: {s['tokenizer']}\n")

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trmlx.data.examples import Example, collate, round_up, with_loss_rows
+from trmlx.data.examples import Example, bucket_batches, collate, round_up, with_loss_rows
 
 
 def pack_rows(positions: Sequence[int], width: int) -> list[tuple[int, ...]]:
@@ -95,3 +95,19 @@ class TrainBatches:
         # unchunked means one chunk holding every target row.
         arrays = collate_rows(groups, self.width, self.pad_id)
         return with_loss_rows(arrays, self.loss_chunk or self.width * len(batch))
+
+
+def batch_layout(examples: Sequence[Example], batch_size: int, max_length: int) -> dict[str, dict[str, float]]:
+    """How an epoch of causal examples would be batched both ways, for `trmlx check`: batches, and the share of
+    computed positions that are padding, length-bucketed (each batch as wide as its longest member) and packed."""
+    real = [len(e.input_ids) - 1 for e in examples]
+    if not real:
+        return {}
+    batches = bucket_batches([e.length for e in examples], batch_size, seed=0, shuffle=False)
+    bucketed = sum(len(b) * round_up(max(real[i] for i in b)) for b in batches)
+    width = round_up(max_length - 1)
+    rows = pack_rows(real, width)
+    packed = len(rows) * width
+    return {"bucketed": {"batches": len(batches), "padding": round(1 - sum(real) / bucketed, 4)},
+            "packed": {"batches": -(-len(rows) // batch_size), "rows": len(rows), "width": width,
+                       "padding": round(1 - sum(real) / packed, 4)}}

@@ -55,6 +55,13 @@ def summarize(recipe: Recipe, data: PreparedData, tokenizer: Any = None) -> dict
                                           "dropped": stats["dropped_too_long"], "policy": recipe.data.too_long,
                                           "max_length": recipe.data.max_length}
         summary["lengths"][split] = _lengths(records, examples if tokenizer is not None else None)
+        if split == "train" and examples and recipe.task == "causal":
+            from trmlx.data.packing import batch_layout
+
+            size = recipe.train.batch_size  # "auto" is decided when training starts: show the effective batch
+            size = size if isinstance(size, int) else recipe.train.effective_batch
+            summary["batches"] = {**batch_layout(examples, size, recipe.data.max_length),
+                                  "packing": recipe.data.packing, "batch_size": size}
         tasks = sorted({r.task for r in records})
         if len(tasks) > 1:  # multitask: each task's own lengths, they differ a lot (news vs. QA)
             summary.setdefault("task_lengths", {})[split] = {
