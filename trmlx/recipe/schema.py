@@ -113,6 +113,10 @@ class PeftConfig:
     num_virtual_tokens: int = doc(20, "Virtual tokens for prefix and prompt tuning.", minimum=1, maximum=512)
     prefix_projection: bool = doc(False, "Prefix tuning: reparameterise the prefix through an MLP (more stable).")
     prompt_init_text: str = doc("", "Prompt tuning: initialise the soft prompt from this text's embeddings.")
+    init_adapter: str = doc(
+        "", "Start training from this LoRA/DoRA adapter folder (PEFT, or mlx-lm's adapters.safetensors + "
+            "adapter_config.json), relative to the recipe file; its rank, alpha, targets, layers and method replace "
+            "the ones above (a note says which changed); optimizer state starts fresh. \"\" = a new adapter.")
 
 
 @dataclass(frozen=True)
