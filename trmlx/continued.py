@@ -40,7 +40,7 @@ class StartAdapter:
         """One line: what training continues from, and which recipe keys it overrides."""
         peft = self.recipe.peft
         targets = peft.targets if isinstance(peft.targets, str) else ", ".join(peft.targets)
-        layers = f"last {peft.layers} layers" if peft.layers else "all layers"
+        layers = f"last {peft.layers} layer{'s' * (peft.layers > 1)}" if peft.layers else "all layers"
         line = (f"note: {KEY} {self.source}: training continues from this adapter with its own settings "
                 f"({peft.method}, rank {peft.rank}, alpha {peft.alpha:g}, targets {targets}, {layers}); the "
                 "optimizer starts fresh")
@@ -173,7 +173,7 @@ def check_weights(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, t
                             f"incomplete or made for another model{trained_on}")
         if tuple(found[key]) != tuple(expected[key]):
             raise UserError(f"{KEY}: {path}: {key} has shape {tuple(found[key])} but this model needs "
-                            f"{tuple(expected[key])}: the adapter was made for another base model{trained_on}")
+                            f"{tuple(expected[key])}: the adapter does not fit this base model{trained_on}")
     extra = sorted(set(found) - set(expected))
     if extra:
         raise UserError(f"{KEY}: {path}: weight {extra[0]} belongs to no adapted module of this model "
