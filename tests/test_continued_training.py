@@ -189,3 +189,34 @@ def test_quantised_base_continues_on_mlx(tmp_path):
     start = tmp_path / "a" / "adapter"
     losses = train(tmp_path / "b", "mlx", start, extra)
     assert losses[0] == pytest.approx(first_batch_loss("mlx", start, extra), rel=1e-5)
+
+
+def test_check_names_the_replaced_keys(trained, cli):
+    result = cli("check", str(QUICKSTART), "--no-tokenizer", "--json", "--set", "peft.rank=4",
+                 "--set", f'peft.init_adapter="{trained / "adapter"}"')
+    assert result.exit_code == 0, result.output
+    assert "peft.init_adapter: the adapter's own settings replace the recipe's peft.rank = 4" in \
+        json.loads(result.stdout)[0]["warnings"]
+
+
+def test_resume_of_a_continued_run_is_exact(tmp_path, trained):
+    """A continued run cut by Ctrl-C resumes from its checkpoint (the saved recipe holds the adapter's settings)
+    with the losses of the uninterrupted run, even with the start folder gone."""
+    from trmlx.errors import TrainingInterrupted
+
+    start = tmp_path / "start"
+    shutil.copytree(trained / "adapter", start)
+    extra = ("train.steps=4", "train.save_every=2")
+    straight = train(tmp_path / "a", "mlx", start, extra)
+
+    def ctrl_c(report, steps):
+        if report.step == 3:
+            raise KeyboardInterrupt
+
+    setup = runner.resolve_run(str(QUICKSTART), "mlx", [*SHORT, *extra], str(tmp_path / "b"), None, str(start))
+    with pytest.raises(TrainingInterrupted):
+        runner.train(setup, "mlx", on_report=ctrl_c)
+    shutil.rmtree(start)
+    runner.train(runner.resolve_run(None, "mlx", (), None, str(tmp_path / "b")), "mlx")
+    resumed = [r["loss"] for r in read_log(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
+    assert resumed == pytest.approx(straight, rel=1e-5) and len(resumed) == 4

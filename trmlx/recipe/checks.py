@@ -46,7 +46,7 @@ def is_local_path(value: str, base_dir: Path) -> bool:
 
 
 def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
-    """Make data files and local model directories absolute, relative to the recipe's folder."""
+    """Make data files, local model directories and peft.init_adapter absolute, relative to the recipe's folder."""
 
     def files(value: str | list[str]) -> str | list[str]:
         if isinstance(value, list):
