@@ -23,7 +23,7 @@ from trmlx.report import read_log  # noqa: E402
 QUICKSTART = REPO / "recipes" / "quickstart.toml"
 SEQ2SEQ = REPO / "recipes" / "seq2seq_quickstart.toml"
 SHORT = ("train.steps=3", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
-         "train.batch_size=4", "train.lr=1e-2")
+         "train.batch_size=4", "train.lr=1e-2", "train.max_eval_batches=1")
 BACKENDS = ("mlx", "cuda")
 
 
@@ -175,7 +175,7 @@ def test_an_adapter_of_another_shape_is_refused_after_load(tmp_path, trained, cl
 
 def test_seq2seq_continues_from_its_adapter(tmp_path):
     """The tiny mT5 multitask recipe, continued from its own adapter on MLX."""
-    extra = ("train.batch_size=2", "eval.max_samples=2")
+    extra = ("train.batch_size=2", "data.max_length=64", "data.max_target_length=16")
     train(tmp_path / "a", "mlx", extra=extra, recipe=SEQ2SEQ)
     start = tmp_path / "a" / "adapter"
     losses = train(tmp_path / "b", "mlx", start, extra, recipe=SEQ2SEQ)
