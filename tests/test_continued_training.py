@@ -174,12 +174,13 @@ def test_an_adapter_of_another_shape_is_refused_after_load(tmp_path, trained, cl
 
 
 def test_seq2seq_continues_from_its_adapter(tmp_path):
-    """The tiny mT5 multitask recipe, continued from its own adapter on MLX."""
+    """The tiny mT5 multitask recipe, continued from its MLX adapter on MLX and on the CUDA backend."""
     extra = ("train.batch_size=2", "data.max_length=64", "data.max_target_length=16")
     train(tmp_path / "a", "mlx", extra=extra, recipe=SEQ2SEQ)
     start = tmp_path / "a" / "adapter"
-    losses = train(tmp_path / "b", "mlx", start, extra, recipe=SEQ2SEQ)
-    assert losses[0] == pytest.approx(first_batch_loss("mlx", start, extra, SEQ2SEQ), rel=1e-5)
+    first = {backend: train(tmp_path / backend, backend, start, extra, recipe=SEQ2SEQ)[0] for backend in BACKENDS}
+    assert first["mlx"] == pytest.approx(first_batch_loss("mlx", start, extra, SEQ2SEQ), rel=1e-5)
+    assert first["cuda"] == pytest.approx(first["mlx"], rel=1e-4)
 
 
 def test_quantised_base_continues_on_mlx(tmp_path):
