@@ -100,16 +100,16 @@ def load(recipe: Recipe, path: str | Path | None = None, train: bool = False) ->
     as it is; with train=True, peft LoRA/DoRA attached (A from the core's seeded init) or all weights trainable."""
     from sentence_transformers import SentenceTransformer
 
+    source = str(path or model_path(recipe))
+    if path is None:
+        from trmlx.models import check_model_folder
+
+        check_model_folder(source, recipe.task)  # a bad local folder is one line (the only one), not a traceback
     models = st_modules()[0]
     info = describe_device()
     cpu_math()
     if train and info["kind"] == "cpu":
         print("trmlx: no CUDA GPU visible; the cuda backend runs on the CPU (slow, fp32)", file=sys.stderr)
-    source = str(path or model_path(recipe))
-    if path is None:
-        from trmlx.models import check_model_folder
-
-        check_model_folder(source, recipe.task)  # a bad local folder is one line, not a loader traceback
     emb = recipe.embedding
     try:
         if path is None and emb.pooling != "auto":
