@@ -21,9 +21,11 @@ from typing import Any
 
 from trmlx.adapters import is_target, match_targets
 from trmlx.errors import UserError
-from trmlx.plan.base import (Plan, Target, Term, apply_batch, batch_settings, bnb_4bit_bytes, fit_micro_batch,
+from trmlx.loop import chunked_loss
+from trmlx.plan.base import (GB, Plan, Target, Term, apply_batch, batch_settings, bnb_4bit_bytes, fit_micro_batch,
                              kv_positions, loss_fp32_copies, mlx_quantised_bytes, overhead_term, padded,
                              parameter_terms)
+from trmlx.plan.causal import CALIBRATION as CAUSAL_CALIBRATION
 from trmlx.recipe.schema import Recipe
 
 # Elements of the activation dtype per token (fp32 CPU runs; bytes scale with the dtype). Per sublayer input: h
@@ -229,6 +231,18 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
     dec_act += dt * masks * tgt_tokens * tgt / max(src_tokens * src + tgt_tokens * tgt, 1)
     fp32_copies = loss_fp32_copies(coef, recipe, target, d)
     logits = tgt_tokens * vocab * (dt + 4 * fp32_copies)
+    logits_doc = (f"{tgt_tokens:,} target tokens × vocabulary {vocab:,} × (one {dt}-byte row + {fp32_copies:.2f} "
+                  "fp32 rows for softmax / cross-entropy)")
+    chunk = recipe.train.loss_chunk_size if chunked_loss(shape.model_type, recipe.peft.method) else 0
+    if chunk:  # the head over target rows only, one chunk at a time (backends/*/loss.py, as causal LMs)
+        rows = min(chunk, -(-tgt_tokens // 64) * 64)
+        # copies per chunk row: the causal fit's (the same chunked head and cross-entropy code)
+        causal = CAUSAL_CALIBRATION[target.family]
+        copies = causal["chunk_fp32"] if tgt_tokens > rows else causal["single_chunk_fp32"]
+        logits = rows * vocab * 4 * copies + 2 * tgt_tokens * d * dt
+        logits_doc = (f"chunked (train.loss_chunk_size = {chunk}): {rows:,} target rows × vocabulary {vocab:,} × "
+                      f"{copies:g} fp32 copies at a time, + the {tgt_tokens:,} target rows' decoder states and their "
+                      f"gradient (unchunked: {tgt_tokens * vocab * (dt + 4 * fp32_copies) / GB:.3f} GB)")
 
     cached = kv_positions(new_tokens + 1, target)  # the decoder's own positions: start token + generated ones
     prompt_tokens = eval_batch * prompt_len
@@ -246,8 +260,7 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
         Term("decoder_activations", dec_act, f"{dec_layers} decoder layers × {tgt_tokens:,} target positions (self "
                                               f"attention, cross attention over {src} source positions) × {dt} B, "
                                               f"{'with' if ckpt else 'without'} checkpointing", "train"),
-        Term("logits_loss", logits, f"{tgt_tokens:,} target tokens × vocabulary {vocab:,} × (one {dt}-byte row + "
-                                    f"{fp32_copies:.2f} fp32 rows for softmax / cross-entropy)", "train"),
+        Term("logits_loss", logits, logits_doc, "train"),
         Term("encoder_output", encoder_out, f"eval generation: encoder states, batch {eval_batch} × {prompt_len} "
                                             "source positions (held while decoding)", "eval"),
         # The encoder pass ends before decoding starts: only the larger of the two sub-phases counts.
