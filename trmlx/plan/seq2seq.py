@@ -34,7 +34,8 @@ from trmlx.recipe.schema import Recipe
 # full while recomputed; mask_scores: the additive masks (heads × keys per query, once per step); logits_fp32: fp32
 # vocabulary rows per target token unchunked (chunked: trmlx.plan.causal's chunk_fp32); prefill_*: one encoder
 # layer over the prompts, no gradients.
-# Refit: `python benchmarks/plan_calibration.py --task seq2seq` (data: benchmarks/results/plan_calibration_seq2seq-cpu.json).
+# Refit: `python benchmarks/plan_calibration.py --task seq2seq` (data:
+# benchmarks/results/plan_calibration_seq2seq-cpu.json).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
         "act_h": 5.531, "act_qkv": 0.0, "act_mlp": 4.674, "act_scores": 0.401, "mask_scores": 3.759,
