@@ -28,7 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phase: str) -> dict[str, float]:
+def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phase: str,
+        fixed: dict[str, float] | None = None) -> dict[str, float]:
     """NNLS on relative error: the plan is linear in its coefficients, so one plan per unit coefficient gives the
     feature columns and the all-zero plan the arithmetic part. Where a phase takes the larger of sub-phases
     (seq2seq eval: encoder pass, then decoding) it is not linear: refined from the NNLS start."""
@@ -37,7 +38,7 @@ def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phas
 
     from trmlx.bench.calibration import plan_of
 
-    zero = {k: 0.0 for k in all_keys}
+    zero = {**(fixed or {}), **{k: 0.0 for k in all_keys}}  # `fixed`: the planner's coefficients not fitted here
     columns, target = [], []
     for row in rows:
         measured = row[f"{phase}_peak"]
@@ -113,8 +114,10 @@ def main() -> int:
     for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
         mine = [r for r in rows if r["backend"] == backend]
         if mine:
-            fitted[family] = {**fit(mine, planner.TRAIN_KEYS, keys, "train"),
-                              **fit(mine, planner.EVAL_KEYS, keys, "eval")}
+            # coefficients outside the fitted keys (measured elsewhere) are kept as they are
+            fixed = planner.CALIBRATION[family]
+            fitted[family] = {**fixed, **fit(mine, planner.TRAIN_KEYS, keys, "train", fixed),
+                              **fit(mine, planner.EVAL_KEYS, keys, "eval", fixed)}
     report(benchmark, rows, fitted, planner.CALIBRATION, args.out)
     return 0
 

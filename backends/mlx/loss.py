@@ -1,5 +1,5 @@
-"""The training loss of a causal LM on MLX: cross-entropy over target tokens only, the vocabulary-sized head run
-chunk by chunk.
+"""The training loss of a causal LM or a T5 on MLX: cross-entropy over target tokens only, the vocabulary-sized
+head run chunk by chunk.
 
 Unchunked, a batch of T tokens materialises T × vocabulary logits, their fp32 softmax and its gradient (at 152,064
 words and 4,096 tokens: 2.5 GB per fp32 copy). Here the backbone's hidden states of the positions that carry a
@@ -10,6 +10,8 @@ hidden states, as torch's fused function does (backends/cuda/loss.py): the backw
 (measured: ~5 fp32 copies of a chunk's rows × vocabulary, 8 when recomputed). A trained head (full fine-tuning,
 an adapted lm_head) recomputes each chunk's logits in the backward pass instead (mx.checkpoint), so its weight
 gradient comes from autodiff. The sum is the same as the full loss within float rounding.
+A T5's decoder is the backbone: its final states (scaled by d_model**-0.5 where the model scales them,
+T5.decoder_states) go through the same chunked head.
 """
 
 from __future__ import annotations
@@ -23,20 +25,35 @@ from mlx.utils import tree_flatten
 
 from trmlx.loop import CHUNKED_LOSS_TYPES  # families whose head splits off (no logit post-processing)
 
+from trmlx.backends.mlx.t5 import T5
+
+Hidden = Callable[[dict[str, mx.array]], mx.array]  # batch -> the final states the head takes, (B, L, hidden)
 
 
-def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[mx.array], mx.array]] | None:
-    """(backbone: inputs -> final hidden states, head module, head function) of a plain mlx-lm decoder; None for
-    anything else (virtual-token wrappers, T5, families with logit post-processing)."""
+def split_head(model: nn.Module) -> tuple[Hidden, nn.Module, Callable[[mx.array], mx.array]] | None:
+    """(batch -> final hidden states, head module, head function) of a plain mlx-lm decoder or a T5 (plain, LoRA or
+    prompt-tuned: t5_prompt prepends to the encoder only); None for anything else (causal virtual-token wrappers,
+    families with logit post-processing)."""
+    t5 = getattr(model, "base", model)
+    if isinstance(t5, T5):
+        def decoder_hidden(batch: dict[str, mx.array]) -> mx.array:
+            return model.train_states(batch["inputs"], batch["attention_mask"], batch["decoder_inputs"])
+
+        return (decoder_hidden, t5.lm_head, t5.lm_head) if "lm_head" in t5 else \
+            (decoder_hidden, t5.shared, t5.shared.as_linear)
     args = getattr(model, "args", None)
     backbone = getattr(model, "model", None)
     if backbone is None or getattr(args, "model_type", None) not in CHUNKED_LOSS_TYPES:
         return None
+
+    def causal_hidden(batch: dict[str, mx.array]) -> mx.array:
+        return backbone(batch["inputs"]) if "attend" not in batch else packed_hidden(backbone, batch)
+
     if getattr(args, "tie_word_embeddings", False):
         embed = backbone.embed_tokens
-        return backbone, embed, embed.as_linear
+        return causal_hidden, embed, embed.as_linear
     head = getattr(model, "lm_head", None)
-    return (backbone, head, head) if head is not None else None
+    return (causal_hidden, head, head) if head is not None else None
 
 
 def packed_hidden(backbone: nn.Module, batch: dict[str, mx.array]) -> mx.array:
@@ -53,8 +70,8 @@ def chunked_token_loss(parts: tuple, batch: dict[str, mx.array], training: bool 
     """Summed cross-entropy over target tokens and their count: the head over `loss_rows` only (see
     trmlx.data.examples.with_loss_rows), one (chunk,) row of them at a time; the same sum as the unchunked loss.
     `training` False (validation) computes the losses alone."""
-    backbone, head_module, head = parts
-    hidden = backbone(batch["inputs"]) if "attend" not in batch else packed_hidden(backbone, batch)
+    final_hidden, head_module, head = parts
+    hidden = final_hidden(batch)
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), batch["targets"].reshape(-1)
     if not training:
         chunk = partial(_chunk_loss, head)
