@@ -124,5 +124,25 @@ def chunked_token_loss(parts: tuple[Hidden, torch.nn.Linear], batch: dict[str, t
     rows, chunk = batch["loss_rows"].reshape(-1).long(), batch["loss_rows"].shape[1]
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     targets = batch["targets"].long().reshape(-1).index_select(0, rows)
-    return _LinearCrossEntropy.apply(picked, head.weight, head.bias, targets, batch["loss_weights"].reshape(-1),
-                                     chunk), batch["mask"].sum()
+    weights = batch["loss_weights"].reshape(-1)
+    fused = liger_loss(picked)
+    if fused is not None and bool(((weights == 0) | (weights == 1)).all()):
+        # liger takes 0/1 weights as ignored targets; any other weight (a NaN the loop must see) stays on ours
+        return fused(picked, head.weight, torch.where(weights > 0, targets, IGNORE), head.bias,
+                     ignore_index=IGNORE, reduction="sum"), batch["mask"].sum()
+    return _LinearCrossEntropy.apply(picked, head.weight, head.bias, targets, weights, chunk), batch["mask"].sum()
+
+
+IGNORE = -100  # the target id liger's kernel skips
+
+
+def liger_loss(hidden: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """liger-kernel's fused linear cross-entropy (Triton kernels: the same arithmetic as ours, faster on a GPU)
+    where it is installed and the tensors are on a CUDA device; None otherwise (CPU, CI: our chunked function)."""
+    if not hidden.is_cuda:
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
