@@ -167,3 +167,51 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, 
     assert (tmp_path / "b" / "negatives.jsonl").read_text() == (expected / "negatives.jsonl").read_text()
     weights = "model/model.safetensors"
     assert (tmp_path / "b" / weights).read_bytes() == (expected / weights).read_bytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kill_during_the_final_model_write_is_repaired_by_resume(tmp_path, cli, monkeypatch, recipe, straight,
+                                                                    backend):
+    if backend == "cuda":
+        pytest.importorskip("sentence_transformers")
+    module, expected = importlib.import_module(f"trmlx.backends.{backend}.embed"), straight(backend)
+
+    def killed_mid_write(model, recipe, path):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model.safetensors").write_bytes(b"\x10\x00")
+        raise KeyboardInterrupt  # the kill: nothing after this line runs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "save", killed_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            runner.train(start(recipe, tmp_path, "b", backend), backend)
+    run = tmp_path / "b"
+    assert not (run / "model").exists() and not (run / ".model.tmp").exists()  # never a half model
+    result = cli("train", "--resume", str(run), "--backend", backend)
+    assert result.exit_code == 0, result.output
+    assert (f"note: --resume {run}: the run finished but {run}/model is incomplete (missing); writing it from "
+            "the last checkpoint\n") in result.stderr
+    weights = "model/model.safetensors"
+    assert (run / weights).read_bytes() == (expected / weights).read_bytes()
+    assert records(run) == records(expected)
+    again = cli("train", "--resume", str(run), "--backend", backend)
+    assert again.exit_code == 2 and "the run already finished all 6 steps" in again.stderr
+
+
+def test_a_damaged_model_folder_is_named(tmp_path):
+    from trmlx.integrity import model_problem
+
+    folder = tmp_path / "model"
+    assert model_problem(folder) == "missing"
+    folder.mkdir()
+    assert model_problem(folder) == "no modules.json"
+    (folder / "modules.json").write_text('[{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"}]')
+    assert model_problem(folder) == "config.json: missing"
+    (folder / "config.json").write_text("{}")
+    assert model_problem(folder) == "no model.safetensors"
+    (folder / "model.safetensors").write_bytes(b"\x10\x00")
+    assert model_problem(folder) == "model.safetensors: 2 bytes, too short for a safetensors file"
+    (folder / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    assert model_problem(folder) is None
+    (folder / "modules.json").write_text("{}")
+    assert model_problem(folder) == "modules.json: expected a JSON list of modules"

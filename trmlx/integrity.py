@@ -136,6 +136,38 @@ def adapter_problem(folder: Path, require_weights: bool = True) -> str | None:
     return file_problem(weights[0])
 
 
+def model_problem(folder: Path) -> str | None:
+    """None for a complete sentence-transformers folder (an embedding run's RUN/model: modules.json, config.json,
+    complete weights); else what is wrong. Sharded weights are checked shard by shard."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return "no modules.json"
+    try:
+        listed = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"modules.json: not readable JSON ({err})"
+    if not isinstance(listed, list):
+        return "modules.json: expected a JSON list of modules"
+    transformer = next((m.get("path", "") for m in listed if isinstance(m, dict) and
+                        str(m.get("type", "")).endswith("Transformer")), "")
+    weights_dir = folder / transformer
+    problem = file_problem(weights_dir / "config.json")
+    if problem:
+        return problem
+    index = weights_dir / "model.safetensors.index.json"
+    if index.is_file():
+        problem = json_problem(index)
+        if problem:
+            return problem
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        return next((p for p in (file_problem(weights_dir / s) for s in shards) if p), None)
+    names = [n for n in ("model.safetensors", "pytorch_model.bin") if (weights_dir / n).is_file()]
+    return file_problem(weights_dir / names[0]) if names else "no model.safetensors"
+
+
 def check_adapter(folder: Path, hint: str = "") -> None:
     """A damaged adapter is a one-line error naming the file, before any model is loaded."""
     problem = adapter_problem(folder, require_weights=False)

@@ -277,19 +277,13 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
 
 
 def save(model: TorchEmbedder, recipe: Recipe, path: Path) -> None:
-    """sentence-transformers' own save (LoRA merged into the weights first), into a temp folder renamed into place;
-    the recipe's prefixes become the model's query/document prompts."""
-    import shutil
-
+    """sentence-transformers' own save (LoRA merged into the weights first) into `path` (a run's
+    trmlx.embedding.flow swaps it in when complete); the recipe's prefixes become the model's query/document
+    prompts."""
     st = model.model
     if model.peft:
         st[0].model = st[0].model.merge_and_unload()
         model.peft = False
     st.max_seq_length = model.limit(recipe.embedding_lengths()[1])
     st.prompts = {"query": recipe.embedding.query_prefix, "document": recipe.embedding.passage_prefix}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    st.save(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    st.save(str(path))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -321,37 +320,34 @@ def _pooler_weights(folder: Path) -> dict[str, mx.array]:
 
 def save(model: MLXEmbedder, recipe: Recipe, path: Path) -> None:
     """A sentence-transformers folder: HF weights + config + tokenizer at the root, 1_Pooling, 2_Normalize when
-    embedding.normalize, prompts from the prefixes. Written beside `path` and renamed when complete."""
+    embedding.normalize, prompts from the prefixes. Written into `path` (a run's trmlx.embedding.flow writes it
+    into a temp folder it swaps in when complete: trmlx.integrity.replace_folder)."""
     encoder, emb = model.encoder, recipe.embedding
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "1_Pooling").mkdir(parents=True)
+    (path / "1_Pooling").mkdir(parents=True, exist_ok=True)
     source = _transformer_dir(resolve_path(encoder.path))
     weights = {**_pooler_weights(source), **merged_weights(encoder.model)}
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
     model_type = config.get("model_type", "bert")
     config["architectures"] = ["XLMRobertaModel" if model_type == "xlm-roberta" else
                                "RobertaModel" if model_type == "roberta" else "BertModel"]
-    atomic_write(tmp / "config.json", json.dumps(config, indent=2))
-    encoder.tokenizer.save_pretrained(str(tmp))
+    atomic_write(path / "config.json", json.dumps(config, indent=2))
+    encoder.tokenizer.save_pretrained(str(path))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if emb.normalize:
-        (tmp / "2_Normalize").mkdir()
+        (path / "2_Normalize").mkdir(exist_ok=True)
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
-    atomic_write(tmp / "modules.json", json.dumps(modules, indent=2))
-    atomic_write(tmp / "sentence_bert_config.json", json.dumps(
+    atomic_write(path / "modules.json", json.dumps(modules, indent=2))
+    atomic_write(path / "sentence_bert_config.json", json.dumps(
         {"max_seq_length": model.limit(recipe.embedding_lengths()[1]), "do_lower_case": encoder.do_lower_case}, indent=2))
     modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
     pooling = {"word_embedding_dimension": encoder.dimension, **{key: encoder.pooling == mode
                                                                   for mode, key in modes.items()},
                "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
-    atomic_write(tmp / "1_Pooling" / "config.json", json.dumps(pooling, indent=2))
-    atomic_write(tmp / "config_sentence_transformers.json", json.dumps(
+    atomic_write(path / "1_Pooling" / "config.json", json.dumps(pooling, indent=2))
+    atomic_write(path / "config_sentence_transformers.json", json.dumps(
         {"prompts": {"query": emb.query_prefix, "document": emb.passage_prefix}, "default_prompt_name": None,
          "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)

@@ -4,6 +4,7 @@ decided here, once for both backends."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ from trmlx.embedding.batches import steps_for
 from trmlx.embedding.examples import (MODEL_DIR, NEGATIVES_FILE, examples_from_records, negatives_source,
                                       read_examples, training_examples, write_examples)
 from trmlx.errors import UserError
+from trmlx.integrity import model_problem, replace_folder
 from trmlx.report import StepReport
 
 
@@ -25,6 +27,7 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
     from trmlx.recipe import recipe_to_toml
     from trmlx.report import MetricsLogger, plot_losses
     from trmlx.rundir import create_run_dir, environment_record
+    from trmlx.run import _final_losses
 
     recipe, run = setup.recipe, setup.run
     if world_size() > 1:
@@ -47,9 +50,15 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
                                   ("none", "mined", "random"))
     steps = steps_for(train, recipe)
     resumed = Checkpoints(run).latest()[1] if setup.resume else None
+    out = run.path / MODEL_DIR
     if resumed and resumed.step >= steps and not resumed.pending:  # a final validation still owed: deliver it
-        raise UserError(f"--resume {run.path}: the run already finished all {steps} steps; evaluate it with "
-                        f"trmlx eval {run.path}")
+        damage = model_problem(out)
+        if damage is None:
+            raise UserError(f"--resume {run.path}: the run already finished all {steps} steps; evaluate it with "
+                            f"trmlx eval {run.path}")
+        # Killed while writing its model: the loop restores the final checkpoint and trains nothing, then save.
+        print(f"note: --resume {run.path}: the run finished but {out} is incomplete ({damage}); writing it from the "
+              "last checkpoint", file=sys.stderr)
     device = module.device_name()
     env = environment_record(backend=backend_name, device={"name": device, "dtype": model.dtype})
     create_run_dir(run.path, recipe_to_toml(recipe), env, resume=setup.resume)
@@ -81,9 +90,9 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
             logger.ensure(report)
         reports.throw(KeyboardInterrupt())
         raise
-    out = run.path / MODEL_DIR
-    module.save(model, recipe, out)
+    replace_folder(out, lambda folder: module.save(model, recipe, folder))  # a kill leaves no half model/
     plot_losses(run.metrics, run.plots / "loss.png", title=f"{recipe.name} ({backend_name})")
+    final = _final_losses(run, last)  # from the log when this invocation only wrote the model
     return {"run": str(run.path), "steps": steps, "model": str(out), "negatives": source,
-            "final_train_loss": last["train"].loss if "train" in last else None,
-            "final_valid_loss": last["eval"].loss if "eval" in last else None, "plot": str(run.plots / "loss.png")}
+            "final_train_loss": final.get("train"), "final_valid_loss": final.get("eval"),
+            "plot": str(run.plots / "loss.png")}
