@@ -92,6 +92,16 @@ def read_log(path: Path) -> Iterator[dict[str, Any]]:
             continue
 
 
+
+def final_losses(metrics: Path, last: dict[str, StepReport]) -> dict[str, float]:
+    """The last train and validation losses of a run: this invocation's reports, completed from the metrics log
+    when it logged none of a kind (a resume that only wrote the adapter or model)."""
+    final = {kind: report.loss for kind, report in last.items()}
+    for record in read_log(metrics) if len(final) < 2 and metrics.is_file() else ():
+        if record.get("kind") in ("train", "eval") and record.get("kind") not in last:
+            final[record["kind"]] = record["loss"]
+    return final
+
 def plot_losses(log_path: Path, png_path: Path, title: str = "") -> Path:
     """Training loss (and validation loss where logged) against step, written as a PNG."""
     import matplotlib

@@ -24,7 +24,7 @@ from trmlx.integrity import adapter_problem, disk_error, disk_fault, ensure_writ
 from trmlx.plan.tasks import resolve_batch
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
 from trmlx.recipe.checks import check_combinations
-from trmlx.report import MetricsLogger, StepReport, plot_losses, read_log
+from trmlx.report import MetricsLogger, StepReport, final_losses, plot_losses
 from trmlx.rundir import (RunDir, check_output, create_run_dir, default_run_path, environment_record, mark_failed,
                           replaceable_run)
 from trmlx.schedule import total_steps
@@ -158,20 +158,10 @@ def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport
             replace_folder(run.adapter, lambda folder: backend.save_adapter(loaded, folder))
         with _disk_guard(run, "writing the loss plot", "the adapter and the metrics log are complete"):
             plot_losses(run.metrics, run.plots / "loss.png", title=f"{recipe.name} ({backend_name})")
-    final = _final_losses(run, last) if main else {k: r.loss for k, r in last.items()}
+    final = final_losses(run.metrics, last) if main else {k: r.loss for k, r in last.items()}
     return {"run": str(run.path), "steps": steps, "adapter": str(run.adapter),
             "final_train_loss": final.get("train"), "final_valid_loss": final.get("eval"),
             "plot": str(run.plots / "loss.png")}
-
-
-def _final_losses(run: RunDir, last: dict[str, StepReport]) -> dict[str, float]:
-    """The last train and validation losses of the run, from the log when this invocation logged none (a resume
-    that only wrote the adapter)."""
-    final = {kind: report.loss for kind, report in last.items()}
-    for record in read_log(run.metrics) if len(final) < 2 and run.metrics.is_file() else ():
-        if record.get("kind") in ("train", "eval") and record.get("kind") not in last:
-            final[record["kind"]] = record["loss"]
-    return final
 
 
 def _resume_point(run: RunDir, backend_name: str) -> Position:

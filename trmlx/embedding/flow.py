@@ -25,9 +25,8 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
     from trmlx.distributed import world_size
     from trmlx.loop import Checkpoints
     from trmlx.recipe import recipe_to_toml
-    from trmlx.report import MetricsLogger, plot_losses
+    from trmlx.report import MetricsLogger, final_losses, plot_losses
     from trmlx.rundir import create_run_dir, environment_record
-    from trmlx.run import _final_losses
 
     recipe, run = setup.recipe, setup.run
     if world_size() > 1:
@@ -92,7 +91,7 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
         raise
     replace_folder(out, lambda folder: module.save(model, recipe, folder))  # a kill leaves no half model/
     plot_losses(run.metrics, run.plots / "loss.png", title=f"{recipe.name} ({backend_name})")
-    final = _final_losses(run, last)  # from the log when this invocation only wrote the model
+    final = final_losses(run.metrics, last)  # from the log when this invocation only wrote the model
     return {"run": str(run.path), "steps": steps, "model": str(out), "negatives": source,
             "final_train_loss": final.get("train"), "final_valid_loss": final.get("eval"),
             "plot": str(run.plots / "loss.png")}
