@@ -94,18 +94,25 @@ def main() -> int:
     parser.add_argument("--task", choices=("causal", "seq2seq", "embedding"), default="causal")
     parser.add_argument("--backends", default="mlx,cuda")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--refit", type=Path, help="fit again from a saved result file (no measuring)")
+    parser.add_argument("--refit", type=Path, nargs="+", help="fit again from saved result files (no measuring)")
+    parser.add_argument("--width", action="store_true", help="causal at 7B width: 1-2 layer random models of "
+                        "Qwen2.5-7B's and Llama-3-8B's width (trmlx.bench.calibration 'causal-width'; ~5.3 GB "
+                        "each, one process per configuration)")
+    parser.add_argument("--work", type=Path, help="keep the models and worker results here (a cut-short run "
+                        "resumes); default: a temporary folder")
     args = parser.parse_args()
     from trmlx.bench.calibration import measure
     from trmlx.rundir import atomic_write
 
     planner = importlib.import_module(f"trmlx.plan.{args.task}")
-    benchmark = "plan_calibration" + ("" if args.task == "causal" else f"_{args.task}")
-    if args.refit:
-        rows = json.loads(args.refit.read_text())["measurements"]
+    benchmark = "plan_calibration" + ("_width" if args.width else "" if args.task == "causal" else f"_{args.task}")
+    if args.refit:  # several files: one fit over all their rows (tiny and width together)
+        rows = [row for path in args.refit for row in json.loads(path.read_text())["measurements"]]
     else:
         with tempfile.TemporaryDirectory(prefix=f"trmlx-{benchmark}-") as tmp:
-            rows = measure(args.task, args.backends.split(","), Path(tmp), REPO)
+            work = args.work or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            rows = measure("causal-width" if args.width else args.task, args.backends.split(","), work, REPO)
         # Kept before fitting, so a failed fit can be redone with --refit without measuring again.
         atomic_write(Path(tempfile.gettempdir()) / f"{benchmark}-measurements.json", json.dumps({"measurements": rows}))
     keys = planner.TRAIN_KEYS + planner.EVAL_KEYS
