@@ -111,7 +111,7 @@ def test_plan_without_a_config_is_one_clear_error(cli):
     assert result.stderr.strip().splitlines() == [
         "error: model.path: no config.json for 'Qwen/Qwen2.5-7B-Instruct' locally or in the Hugging Face cache; "
         "fetch just the config (huggingface-cli download Qwen/Qwen2.5-7B-Instruct config.json) or pass "
-        "--model-shape 7b|qwen2.5-7b|tiny|CONFIG.json"]
+        "--model-shape 7b|qwen2.5-7b|llama3-8b|tiny|CONFIG.json"]
 
 
 def test_every_task_kind_has_a_planner_and_a_bench_module():
