@@ -245,6 +245,11 @@ def measure(task: str, backends: list[str], work: Path, repo: Path) -> list[dict
     return rows
 
 
+def rerooted(row: dict[str, Any], repo: Path) -> dict[str, Any]:
+    """A committed row with its recipe found in this checkout (rows name the measuring checkout's path)."""
+    return {**row, "spec": {**row["spec"], "recipe": str(repo / "recipes" / Path(row["spec"]["recipe"]).name)}}
+
+
 def plan_of(row: dict[str, Any], coefficients: dict[str, float] | None = None) -> Any:
     """trmlx plan's prediction for exactly the measured configuration (the model's config.json kept with the row,
     its folder being gone by now); `coefficients` replace the planner's CALIBRATION."""

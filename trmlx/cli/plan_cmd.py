@@ -93,6 +93,8 @@ def _render(r: dict) -> None:
     for term in r["terms"]:
         table.add_row(term["name"], term["phase"], f"{term['gb']:.3f}", term["doc"])
     out.print(table)
+    if s.get("calibration"):  # causal plans: where the measured coefficients come from
+        out.print(s["calibration"])
     out.print(f"training peak {r['train_peak_gb']:.3f} GB, eval-generation peak {r['eval_peak_gb']:.3f} GB, "
               f"+ overhead {r['overhead_gb']:.2f} GB = [bold]predicted peak {r['peak_gb']:.2f} GB[/]")
     if r["budget_gb"] is not None:

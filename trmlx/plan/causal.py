@@ -56,6 +56,12 @@ CALIBRATION: dict[str, dict[str, float]] = {
         "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "single_chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
         "prefill_scores": 0.048},
 }
+# Where CALIBRATION was measured: result file -> the hidden sizes of its models (tests/test_plan_width.py checks
+# these against the files). trmlx plan names them, and says whether the planned model's width is among them.
+CALIBRATED_ON: dict[str, tuple[int, ...]] = {
+    "benchmarks/results/plan_calibration-cpu.json": (64, 128, 256),
+    "benchmarks/results/plan_calibration_width-cpu.json": (3584, 4096),
+}
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
               "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32",
               "single_chunk_fp32")
@@ -133,6 +139,16 @@ class ModelShape:
 
 
 Shape = ModelShape  # every task module names its shape class Shape (trmlx.plan.tasks reads it)
+
+
+def calibration_note(shape: ModelShape) -> str:
+    """One line for the printed plan: which measurements the coefficients come from, and whether this width is
+    one of them."""
+    files = "; ".join(f"{path} (hidden {', '.join(f'{h:,}' for h in widths)})"
+                      for path, widths in CALIBRATED_ON.items())
+    measured = any(shape.hidden_size in widths for widths in CALIBRATED_ON.values())
+    return (f"coefficients fitted on {files}: hidden {shape.hidden_size:,} is "
+            + ("a measured width" if measured else "not a measured width (the fit carried over)"))
 
 
 def padded_positions(seq_len: int) -> int:
@@ -235,6 +251,13 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
     prefill = prefill_tokens * dt * (coef["prefill_h"] * h + coef["prefill_mlp"] * inter
                                      + (0 if target.fused_attention else
                                         coef["prefill_scores"] * shape.num_heads * min(prompt_len, 512)))
+    prefill_doc = f"eval generation: one layer's forward over batch {eval_batch} × {min(prompt_len, 512)} prompt " \
+                  "positions"
+    if target.backend == "mlx" and shape.num_layers == 1:
+        # MLX's prefill evaluates only the caches, so the last layer's attention and MLP never run: with one layer
+        # that leaves its input, the normed input and K/V (with RoPE'd K) — measured at 7B width
+        prefill = prefill_tokens * dt * (2 * h + 3 * shape.kv_dim)
+        prefill_doc += " (one layer: its K/V projections only)"
     terms = (
         Term("weights", weights, f"frozen base, {shape.parameters() / 1e9:.3f}B parameters: {how}", "both"),
         *parameter_terms(recipe, params, param_bytes, grad_copies, f"{grad_copies} gradient "
@@ -244,15 +267,14 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
         Term("kv_cache", kv_cache, f"eval generation: 2 × {shape.num_layers} layers × {shape.kv_dim} × "
                                    f"batch {eval_batch} × {cached} positions (prompt {prompt_len} + "
                                    f"{new_tokens} new) × {dt} B", "eval"),
-        Term("prefill", prefill, f"eval generation: one layer's forward over batch {eval_batch} × "
-                                 f"{min(prompt_len, 512)} prompt positions", "eval"),
+        Term("prefill", prefill, prefill_doc, "eval"),
         overhead_term(target),
     )
     settings = {"backend": backend, "batch_size": batch, "grad_accum": accum, "effective_batch": batch * accum,
                 "grad_checkpoint": ckpt, "seq_len": seq_len, "positions": positions, "eval_batch_size": eval_batch,
                 "prompt_len": prompt_len, "max_new_tokens": new_tokens, "optimizer": recipe.train.optimizer,
                 "quantize_bits": recipe.model.quantize_bits, "peft": recipe.peft.method,
-                "adapted_layers": grad_layers}
+                "adapted_layers": grad_layers, "calibration": calibration_note(shape)}
     return Plan(terms, settings, shape, target, budget)
 
 
