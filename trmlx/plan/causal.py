@@ -65,6 +65,7 @@ CALIBRATED_ON: dict[str, tuple[int, ...]] = {
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
               "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32",
               "single_chunk_fp32")
+WIDTH_KEYS = ("chunk_fp32", "single_chunk_fp32")  # refit at 7B width (benchmarks/plan_calibration.py --width)
 EVAL_KEYS = ("prefill_h", "prefill_mlp", "prefill_scores")
 
 
