@@ -18,9 +18,10 @@ OUT/plan_calibration[_<task>]-<device>.json (every measurement, the fit and the 
 
 --width measures the causal planner at 7B width: 1-2 layer random models with Qwen2.5-7B's and Llama-3-8B's
 hidden size, heads, MLP and vocabulary, fp32 (~5.3 GB of weights each; ~35 min here, 10 measurements, one process
-each). It refits the chunked loss's coefficients (trmlx.plan.causal.WIDTH_KEYS) on those rows, each row's error
-taken relative to the part of its peak the coefficients explain (weights are exact), keeps the rest, and writes
-OUT/plan_calibration_width-<device>.json.
+each). It fits once over those rows and the committed tiny ones (benchmarks/results/plan_calibration-cpu.json,
+measured before the chunked loss existed, so re-planned unchunked), each row's error taken relative to the part of
+its peak the coefficients explain (weights are exact), and writes OUT/plan_calibration_width-<device>.json: the
+width rows, their errors and the tiny rows' errors under the same coefficients.
 """
 
 from __future__ import annotations
@@ -33,27 +34,28 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "benchmarks" / "results" / "plan_calibration-cpu.json"  # the causal set --width fits together with
 
 
 def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phase: str,
-        variable: bool = False, fixed: dict[str, float] | None = None) -> dict[str, float]:
+        variable: bool = False, weights: list[float] | None = None) -> dict[str, float]:
     """NNLS on relative error: the plan is linear in its coefficients, so one plan per unit coefficient gives the
     feature columns and the all-zero plan the arithmetic part. Where a phase takes the larger of sub-phases
     (seq2seq eval: encoder pass, then decoding) it is not linear: refined from the NNLS start. variable: the error
     relative to what the coefficients must explain (the peak less the arithmetic part, at least a quarter of the
     peak), so rows whose peak is mostly exact weights (7B width: ~5.3 GB of weights) weigh as much as tiny ones.
-    fixed: the values of the coefficients not fitted (default zero)."""
+    weights: one per row (least-squares weights; default 1)."""
     import numpy as np
     from scipy.optimize import least_squares, nnls
 
     from trmlx.bench.calibration import plan_of
 
-    zero = {**{k: 0.0 for k in all_keys}, **{k: v for k, v in (fixed or {}).items() if k not in keys}}
+    zero = {k: 0.0 for k in all_keys}
     columns, target = [], []
-    for row in rows:
+    for row, weight in zip(rows, weights or [1.0] * len(rows)):
         base = getattr(plan_of(row, zero), f"{phase}_peak")
         peak = row[f"{phase}_peak"]
-        measured = max(peak - base, peak / 4) if variable else peak
+        measured = (max(peak - base, peak / 4) if variable else peak) / weight
         columns.append([(getattr(plan_of(row, {**zero, k: 1.0}), f"{phase}_peak") - base) / measured for k in keys])
         target.append((peak - base) / measured)
     solution, _ = nnls(np.array(columns), np.array(target))
@@ -83,22 +85,31 @@ def errors_of(rows: list[dict], fitted: dict[str, dict[str, float]]) -> list[dic
     return out
 
 
-def report(benchmark: str, rows: list[dict], fitted: dict, in_use: dict, out: Path) -> None:
-    """Print every configuration's error and the CALIBRATION to paste; write OUT/<benchmark>-<device>.json."""
+def report(benchmark: str, rows: list[dict], fitted: dict, in_use: dict, out: Path,
+           also_fitted: list[dict] = ()) -> None:
+    """Print every configuration's error and the CALIBRATION to paste; write OUT/<benchmark>-<device>.json
+    (also_fitted: the rows of another set the fit used; their errors are printed and kept too)."""
     from trmlx.rundir import atomic_write, environment_record
 
     errors = errors_of([r for r in rows if ("mlx" if r["backend"] == "mlx" else "torch") in fitted], fitted)
+    others = errors_of(list(also_fitted), fitted)
     print("backend config | train measured / planned MB, error | eval measured / planned MB, error")
-    for e in errors:
+    for e in others + errors:
         print(f"{e['backend']:5} {e['config']} | {e['train_measured_mb']:8.3f} / {e['train_planned_mb']:8.3f} "
               f"{e['train_error_pct']:+6.1f}% | {e['eval_measured_mb']:7.3f} / {e['eval_planned_mb']:7.3f} "
               f"{e['eval_error_pct']:+6.1f}%")
-    worst = max(abs(e[k]) for e in errors for k in ("train_error_pct", "eval_error_pct"))
-    print(f"largest error {worst:.1f}%")
+    worst = _worst(errors)
+    print(f"largest error {worst:.1f}%" + (f" (the other set's rows: {_worst(others):.1f}%)" if others else ""))
     print("CALIBRATION = " + json.dumps(fitted, indent=4))
+    extra = {"also_fitted_on": str(TINY.relative_to(REPO)), "also_fitted_errors": others,
+             "also_fitted_largest_error_pct": _worst(others)} if others else {}
     atomic_write(out / f"{benchmark}-{rows[0]['kind']}.json", json.dumps(
         {"benchmark": benchmark, "fitted": fitted, "in_use": in_use, "errors": errors, "largest_error_pct": worst,
-         "measurements": rows, "environment": environment_record()}, indent=2) + "\n")
+         **extra, "measurements": rows, "environment": environment_record()}, indent=2) + "\n")
+
+
+def _worst(errors: list[dict]) -> float:
+    return max((abs(e[k]) for e in errors for k in ("train_error_pct", "eval_error_pct")), default=0.0)
 
 
 def main() -> int:
@@ -113,7 +124,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep the models and worker results here (a cut-short run "
                         "resumes); default: a temporary folder")
     args = parser.parse_args()
-    from trmlx.bench.calibration import measure, rerooted
+    from trmlx.bench.calibration import measure, rerooted, unchunked
     from trmlx.rundir import atomic_write
 
     planner = importlib.import_module(f"trmlx.plan.{args.task}")
@@ -130,15 +141,17 @@ def main() -> int:
     keys = planner.TRAIN_KEYS + planner.EVAL_KEYS
     fitted = dict(planner.CALIBRATION)
     if args.width:
-        # The committed tiny rows were measured before the chunked loss existed (their logits are unchunked), so
-        # they cannot fit its coefficients: width refits only WIDTH_KEYS (the chunked loss's fp32 copies) and the
-        # rest stay as the tiny set fitted them (tests/test_plan_accuracy.py re-measures tiny rows live).
+        # One fit over the committed tiny rows and the width rows, each row's error relative to what the
+        # coefficients explain. The tiny rows were measured before the chunked loss existed: re-planned unchunked.
+        tiny = [unchunked(rerooted(r, REPO)) for r in json.loads(TINY.read_text())["measurements"]]
         for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
-            mine = [r for r in rows if r["backend"] == backend]
-            if mine:
-                fitted[family] = {**fitted[family], **fit(mine, planner.WIDTH_KEYS, keys, "train", variable=True,
-                                                          fixed=fitted[family])}
-        report(benchmark, rows, fitted, planner.CALIBRATION, args.out)
+            small, wide = ([r for r in rows_ if r["backend"] == backend] for rows_ in (tiny, rows))
+            if wide:  # both sets weigh the same in total: a few width rows against ~40 tiny ones
+                weights = [1.0] * len(small) + [(len(small) / len(wide)) ** 0.5] * len(wide)
+                fitted[family] = {
+                    **fit(small + wide, planner.TRAIN_KEYS, keys, "train", variable=True, weights=weights),
+                    **fit(small + wide, planner.EVAL_KEYS, keys, "eval", variable=True, weights=weights)}
+        report(benchmark, rows, fitted, planner.CALIBRATION, args.out, tiny)
         return 0
     for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
         mine = [r for r in rows if r["backend"] == backend]

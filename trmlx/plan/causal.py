@@ -47,11 +47,11 @@ from trmlx.recipe.schema import Recipe
 # Refit with `python benchmarks/plan_calibration.py` (benchmarks/results/plan_calibration-cpu.json: the data).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
-        "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_layer_h": 0.0,
+        "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_scores": 0.0, "ckpt_layer_h": 0.0,
         "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 9.942, "ckpt_layer_scores": 1.571, "logits_fp32": 1.195,
         "quant_logits_fp32": 0.883, "chunk_fp32": 9.5, "single_chunk_fp32": 3.5, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
     "torch": {
-        "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767,
+        "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767, "ckpt_scores": 0.0,
         "ckpt_layer_h": 6.644, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.223, "ckpt_layer_scores": 0.0,
         "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "single_chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
         "prefill_scores": 0.048},
@@ -62,10 +62,9 @@ CALIBRATED_ON: dict[str, tuple[int, ...]] = {
     "benchmarks/results/plan_calibration-cpu.json": (64, 128, 256),
     "benchmarks/results/plan_calibration_width-cpu.json": (3584, 4096),
 }
-TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
+TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_scores", "ckpt_layer_h", "ckpt_layer_qkv",
               "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32",
               "single_chunk_fp32")
-WIDTH_KEYS = ("chunk_fp32", "single_chunk_fp32")  # refit at 7B width (benchmarks/plan_calibration.py --width)
 EVAL_KEYS = ("prefill_h", "prefill_mlp", "prefill_scores")
 
 
@@ -224,11 +223,12 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
         + (0.0 if fused else coef["act_scores"] * shape.num_heads * positions)
     recomputed = coef["ckpt_layer_h"] * h + coef["ckpt_layer_qkv"] * (shape.q_dim + 2 * shape.kv_dim) \
         + coef["ckpt_layer_mlp"] * inter + (0.0 if fused else coef["ckpt_layer_scores"] * shape.num_heads * positions)
-    with_ckpt = tokens * dt * (grad_layers * coef["ckpt_h"] * h + recomputed)
+    kept = coef["ckpt_h"] * h + (0.0 if fused else coef["ckpt_scores"] * shape.num_heads * positions)
+    with_ckpt = tokens * dt * (grad_layers * kept + recomputed)
     without = tokens * dt * grad_layers * per_layer
     activations = with_ckpt if ckpt else without
     act_doc = (f"{grad_layers} layers in the gradient path × {tokens:,} tokens × {dt} B × "
-               + (f"{coef['ckpt_h']:g}·h kept per layer + one layer live in full ({recomputed:,.0f} elements per "
+               + (f"{kept:,.0f} elements kept per layer + one layer live in full ({recomputed:,.0f} elements per "
                   f"token); without checkpointing: {without / GB:.3f} GB" if ckpt else
                   f"{per_layer:,.0f} elements per token (h, q/k/v, MLP{'' if fused else ', attention scores'}); "
                   f"with checkpointing: {with_ckpt / GB:.3f} GB"))
