@@ -51,18 +51,20 @@ def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phas
     from trmlx.bench.calibration import plan_of
 
     zero = {k: 0.0 for k in all_keys}
-    columns, target = [], []
+    columns, target, scales = [], [], []  # scales: peak / what the row's error is relative to
     for row, weight in zip(rows, weights or [1.0] * len(rows)):
         base = getattr(plan_of(row, zero), f"{phase}_peak")
         peak = row[f"{phase}_peak"]
         measured = (max(peak - base, peak / 4) if variable else peak) / weight
         columns.append([(getattr(plan_of(row, {**zero, k: 1.0}), f"{phase}_peak") - base) / measured for k in keys])
         target.append((peak - base) / measured)
+        scales.append(peak / measured)
     solution, _ = nnls(np.array(columns), np.array(target))
-    if any(t.phase.startswith(phase + ":") for t in plan_of(rows[0], zero).terms):
+    if any(t.phase.startswith(phase + ":") for row in rows for t in plan_of(row, zero).terms):
         def errors(values):
             coefficients = {**zero, **dict(zip(keys, values))}
-            return [getattr(plan_of(row, coefficients), f"{phase}_peak") / row[f"{phase}_peak"] - 1 for row in rows]
+            return [(getattr(plan_of(row, coefficients), f"{phase}_peak") / row[f"{phase}_peak"] - 1) * scale
+                    for row, scale in zip(rows, scales)]
 
         solution = least_squares(errors, solution + 0.1, bounds=(0, np.inf)).x
     return {k: round(float(v), 3) for k, v in zip(keys, solution)}

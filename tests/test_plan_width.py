@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trmlx.bench.calibration import TASKS, plan_of
+from trmlx.bench.calibration import TASKS, plan_of, rerooted
 from trmlx.plan.causal import CALIBRATED_ON, ModelShape, calibration_note
 from trmlx.plan.config import PRESETS
 
@@ -20,18 +20,12 @@ WIDTH = REPO / "benchmarks" / "results" / "plan_calibration_width-cpu.json"
 TOLERANCE = 0.15
 # The fitted terms (what width changes) are a few hundred MB beside ~5.3 GB of exact weights: they get their own
 # check, with an absolute floor where they are tiny (MLX's 1-layer prefill evaluates only the K/V caches).
-MEASURED_TERMS = ("activations", "logits_loss", "kv_cache", "prefill")
+MEASURED_TERMS = ("activations", "recompute", "logits_loss", "kv_cache", "prefill")
 FLOOR = 30e6
 
 
 def _rows() -> list[dict]:
     return json.loads(WIDTH.read_text())["measurements"]
-
-
-def _replan(row: dict):
-    """plan_of with the row's recipe found in this checkout (the row names the measuring checkout's path)."""
-    spec = {**row["spec"], "recipe": str(REPO / "recipes" / Path(row["spec"]["recipe"]).name)}
-    return plan_of({**row, "spec": spec})
 
 
 def _label(row: dict) -> str:
@@ -40,7 +34,7 @@ def _label(row: dict) -> str:
 
 @pytest.mark.parametrize("row", _rows(), ids=_label)
 def test_width_peaks_within_15_percent(row):
-    plan = _replan(row)
+    plan = plan_of(rerooted(row, REPO))
     for phase in ("train", "eval"):
         planned, measured = getattr(plan, f"{phase}_peak"), row[f"{phase}_peak"]
         assert abs(planned / measured - 1) <= TOLERANCE, (phase, planned, measured)
