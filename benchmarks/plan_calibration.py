@@ -60,13 +60,14 @@ def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phas
         target.append((peak - base) / measured)
         scales.append(peak / measured)
     solution, _ = nnls(np.array(columns), np.array(target))
+    used = np.abs(np.array(columns)).sum(axis=0) > 0  # a key no row's plan uses (MLX-only terms on torch) stays 0
     if any(t.phase.startswith(phase + ":") for row in rows for t in plan_of(row, zero).terms):
         def errors(values):
-            coefficients = {**zero, **dict(zip(keys, values))}
+            coefficients = {**zero, **dict(zip(np.array(keys)[used], values))}
             return [(getattr(plan_of(row, coefficients), f"{phase}_peak") / row[f"{phase}_peak"] - 1) * scale
                     for row, scale in zip(rows, scales)]
 
-        solution = least_squares(errors, solution + 0.1, bounds=(0, np.inf)).x
+        solution[used] = least_squares(errors, solution[used] + 0.1, bounds=(0, np.inf)).x
     return {k: round(float(v), 3) for k, v in zip(keys, solution)}
 
 

@@ -42,21 +42,22 @@ from trmlx.recipe.schema import Recipe
 #                  softmax, its gradient and the temporaries between) when more chunks follow; single_chunk_fp32
 #                  when the batch's targets fit one chunk. Measured at 7B width (vocabulary 128,256-152,064): torch
 #                  ~2 alone (logits + logsumexp's temporary), ~3 with a next chunk (the previous chunk's gradient
-#                  is still referenced); MLX ~3.4 alone, ~6.4 with several (its lazy graph overlaps ~2 chunks)
+#                  is still referenced); MLX ~4 alone, ~8 with several (its lazy graph overlaps ~2 chunks)
 #   prefill_*      eval generation: one layer's forward over the prompt chunk (no gradients)
 # Refit with `python benchmarks/plan_calibration.py --width`: one fit over the tiny Llamas of
 # benchmarks/results/plan_calibration-cpu.json (hidden 64-256) and the 1-2 layer models of Qwen2.5-7B's and
 # Llama-3-8B's width of benchmarks/results/plan_calibration_width-cpu.json (the data and the errors of both).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
-        "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_layer_h": 0.0,
-        "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 9.942, "ckpt_layer_scores": 1.571, "logits_fp32": 1.195,
-        "quant_logits_fp32": 0.883, "chunk_fp32": 9.5, "single_chunk_fp32": 3.5, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
+        "act_h": 0, "act_qkv": 3.391, "act_mlp": 6.573, "act_scores": 1.443, "ckpt_h": 15.346, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 0, "ckpt_layer_mlp": 15.09, "ckpt_layer_scores": 3.489, "logits_fp32": 1.46,
+        "quant_logits_fp32": 1.691, "chunk_fp32": 8.325, "single_chunk_fp32": 4.047, "prefill_h": 3.328,
+        "prefill_mlp": 3.834, "prefill_scores": 1.531},
     "torch": {
-        "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767,
-        "ckpt_layer_h": 6.644, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.223, "ckpt_layer_scores": 0.0,
-        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "single_chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
-        "prefill_scores": 0.048},
+        "act_h": 4.796, "act_qkv": 0.621, "act_mlp": 4.041, "act_scores": 0.076, "ckpt_h": 1.059, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 3.138, "ckpt_layer_mlp": 6.358, "ckpt_layer_scores": 0, "logits_fp32": 2.021,
+        "quant_logits_fp32": 0, "chunk_fp32": 3.082, "single_chunk_fp32": 2.05, "prefill_h": 3.655,
+        "prefill_mlp": 3.993, "prefill_scores": 0.075},
 }
 # Where CALIBRATION was measured: result file -> the hidden sizes of its models (tests/test_plan_width.py checks
 # these against the files). trmlx plan names them, and says whether the planned model's width is among them.
