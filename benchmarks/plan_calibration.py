@@ -17,7 +17,7 @@ OUT/plan_calibration[_<task>]-<device>.json (every measurement, the fit and the 
 (40 configurations), seq2seq ~2 min (21), embedding ~5 min (14).
 
 --width measures the causal planner at 7B width: 1-2 layer random models with Qwen2.5-7B's and Llama-3-8B's
-hidden size, heads, MLP and vocabulary, fp32 (~5.3 GB of weights each; ~35 min here, 10 measurements, one process
+hidden size, heads, MLP and vocabulary, fp32 (~5.3 GB of weights each; ~40 min here, 12 measurements, one process
 each). It fits once over those rows and the committed tiny ones (benchmarks/results/plan_calibration-cpu.json,
 measured before the chunked loss existed, so re-planned unchunked), each row's error taken relative to the part of
 its peak the coefficients explain (weights are exact), and writes OUT/plan_calibration_width-<device>.json: the

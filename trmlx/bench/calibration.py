@@ -2,8 +2,8 @@
 is calibrated on, the measurement (trmlx bench's own worker: the real load, train loop and eval), the plan of the
 same configuration, and the NNLS fit of the planner's coefficients.
 
-Used by `benchmarks/plan_calibration.py --task causal|seq2seq|embedding` (the fit) and by
-tests/test_plan_accuracy.py (the ±20% check). `repo` is a source checkout: the quickstart recipes and the shipped
+Used by `benchmarks/plan_calibration.py --task causal|seq2seq|embedding [--width]` (the fit), by
+tests/test_plan_accuracy.py (the ±20% check) and tests/test_plan_width.py (the committed 7B-width rows, ±15%). `repo` is a source checkout: the quickstart recipes and the shipped
 texts the tiny tokenizers are trained on live there.
 """
 
