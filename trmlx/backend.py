@@ -59,8 +59,9 @@ class Backend(Protocol):
 
     name: str
 
-    def load(self, recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
-        """Load (and quantise at load) the base model and tokenizer, attach a new or saved adapter."""
+    def load(self, recipe: Recipe, adapter: Path | None = None, start: Path | None = None) -> LoadedModel:
+        """Load (and quantise at load) the base model and tokenizer, attach a new or saved adapter. `start`: a PEFT
+        LoRA/DoRA folder whose weights the new adapter takes (continued training, trmlx.continued)."""
         ...
 
     def train(self, loaded: LoadedModel, recipe: Recipe, train: Sequence[Example], valid: Sequence[Example],

@@ -22,10 +22,16 @@ from trmlx.report import StepReport
 # Model families whose logits are exactly lm_head(backbone(inputs)) (no scaling or soft-capping after the head):
 # their training loss runs the head over target rows only, in chunks of train.loss_chunk_size (backends/*/loss.py).
 CHUNKED_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Encoder-decoders whose logits are lm_head(decoder states), the states scaled by d_model**-0.5 first where the
+# model does so (T5 v1.0): chunked the same way, the head over target rows of the decoder.
+CHUNKED_SEQ2SEQ_TYPES = frozenset({"t5", "mt5"})
 
 
 def chunked_loss(model_type: str, peft_method: str) -> bool:
-    """Whether a model's loss is chunked: its family's head splits off, and no virtual tokens shift positions."""
+    """Whether a model's loss is chunked: its family's head splits off, and no virtual tokens shift positions (T5
+    prompt tuning prepends to the encoder only, so its decoder positions are the real ones)."""
+    if model_type in CHUNKED_SEQ2SEQ_TYPES:
+        return peft_method != "prefix"
     return model_type in CHUNKED_LOSS_TYPES and peft_method not in ("prompt", "prefix")
 
 

@@ -145,7 +145,8 @@ def kind_problem(task: str, spec: str) -> str | None:
 
 def check_model_folder(spec: str, task: str | None = None, key: str = "model.path") -> None:
     """Before a backend loads a local model: config.json readable with a model_type, its kind agreeing with the task,
-    complete weights and tokenizer files. Each failure is one line naming the path; hub ids pass through."""
+    complete weights, tokenizer files and a vocab_size the tokenizer fits in. Each failure is one line naming the
+    path; hub ids pass through."""
     path = Path(spec).expanduser() if spec else None
     if path is not None and path.exists() and not path.is_dir():
         raise UserError(f"{key}: {spec}: a file; {FOLDER_HINT}")
@@ -168,3 +169,56 @@ def check_model_folder(spec: str, task: str | None = None, key: str = "model.pat
             and not any(network.glob("*.tiktoken")):
         raise UserError(f"{key}: {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); expected "
                         "the model's tokenizer beside config.json (save it with tokenizer.save_pretrained)")
+    if problem := vocabulary_problem(read_model_config(folder, key)[0], folder, network):
+        raise UserError(f"{key}: {folder}: {problem}")
+
+
+def _ids(entries: Any) -> list[int]:
+    """Token ids of a vocabulary in any of its file shapes: {piece: id}, [[piece, score], ...] (Unigram: the
+    position is the id) or [{"id": ...}, ...] (added tokens)."""
+    if isinstance(entries, dict):
+        return [v for v in entries.values() if isinstance(v, int)]
+    if isinstance(entries, list):
+        return [e["id"] if isinstance(e, dict) and isinstance(e.get("id"), int) else i for i, e in enumerate(entries)]
+    return []
+
+
+def tokenizer_size(*folders: Path) -> int | None:
+    """len(tokenizer) of the first folder with tokenizer files, from the files alone (highest id + 1, with added
+    tokens): tokenizer.json, else vocab.json / vocab.txt. None when only a SentencePiece or tiktoken model says."""
+    for folder in folders:
+        ids: list[int] = []
+        try:
+            if (folder / "tokenizer.json").is_file():
+                spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+                ids = _ids((spec.get("model") or {}).get("vocab")) + _ids(spec.get("added_tokens"))
+            elif (folder / "vocab.json").is_file():
+                ids = _ids(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+            elif (folder / "vocab.txt").is_file():  # WordPiece: one token a line, the line number is the id
+                ids = list(range(len((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())))
+            if not ids:
+                continue
+            for name, key in (("added_tokens.json", None), ("tokenizer_config.json", "added_tokens_decoder")):
+                if (folder / name).is_file():
+                    extra = json.loads((folder / name).read_text(encoding="utf-8"))
+                    extra = extra.get(key) if key else extra
+                    ids += [int(k) for k in extra if k.isdigit()] if key and isinstance(extra, dict) else _ids(extra)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            return None  # a tokenizer file this cannot read: the tokenizer's own loader reports it
+        if ids:
+            return max(ids) + 1
+    return None
+
+
+def vocabulary_problem(config: dict[str, Any], *folders: Path) -> str | None:
+    """Why the tokenizer does not fit the model's embedding table: a token id at or past config.json's vocab_size
+    has no row (an index error mid-training on CUDA, garbage on MLX). A table larger than the tokenizer is normal
+    (padded for speed, as Qwen's)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    vocab = config.get("vocab_size", text.get("vocab_size"))
+    size = tokenizer_size(*folders)
+    if not isinstance(vocab, int) or size is None or size <= vocab:
+        return None
+    return (f"the tokenizer has {size} tokens but config.json's vocab_size is {vocab} (ids {vocab}-{size - 1} have "
+            "no embedding row); expected vocab_size >= the tokenizer's size (a config.json or tokenizer from "
+            "another model?)")

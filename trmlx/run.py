@@ -5,6 +5,7 @@ Everything here is backend-agnostic; the backend is imported by name only when t
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from trmlx import continued
 from trmlx.backend import get_backend
 from trmlx.checkpoints import Checkpoints, Position
 from trmlx.data import prepare_data
@@ -21,6 +23,7 @@ from trmlx.errors import TrainingInterrupted, UserError
 from trmlx.integrity import adapter_problem, disk_error, disk_fault, ensure_writable, replace_folder
 from trmlx.plan.tasks import resolve_batch
 from trmlx.recipe import Recipe, load_recipe, recipe_to_toml
+from trmlx.recipe.checks import check_combinations
 from trmlx.report import MetricsLogger, StepReport, plot_losses, read_log
 from trmlx.rundir import (RunDir, check_output, create_run_dir, default_run_path, environment_record, mark_failed,
                           replaceable_run)
@@ -32,11 +35,16 @@ class TrainSetup:
     recipe: Recipe
     run: RunDir
     resume: bool
+    start: Path | None = None  # the PEFT adapter folder a new run's weights start from (peft.init_adapter)
 
 
 def resolve_run(recipe_path: str | None, backend: str, overrides: Sequence[str], output: str | None,
-                resume: str | None) -> TrainSetup:
-    """A new run from a recipe, or the saved resolved recipe of the run being resumed."""
+                resume: str | None, adapter: str | None = None) -> TrainSetup:
+    """A new run from a recipe (starting from `adapter`, or peft.init_adapter, when given: trmlx.continued), or
+    the saved resolved recipe of the run being resumed."""
+    if resume and adapter:
+        raise UserError("--adapter starts a new run from an adapter's weights; --resume continues a run from its "
+                        "checkpoint (weights and optimizer): give one of them")
     if resume:
         run = RunDir(Path(resume))
         if not run.recipe.is_file():
@@ -46,9 +54,19 @@ def resolve_run(recipe_path: str | None, backend: str, overrides: Sequence[str],
         return TrainSetup(load_recipe(run.recipe, backend=backend), run, True)
     if not recipe_path:
         raise UserError("train: give a RECIPE, or --resume RUN_DIR")
+    if adapter:  # the command line wins over the recipe; relative to where the command runs
+        overrides = (*overrides, f"peft.init_adapter={json.dumps(str(Path(adapter).resolve()))}")
     recipe = load_recipe(recipe_path, overrides, backend)
+    start = continued.resolve(recipe, "--adapter" if adapter else continued.KEY)
+    if start is not None:
+        recipe = start.recipe  # the adapter's rank, alpha, targets and layers: checked and saved as the run's
+        if problems := check_combinations(recipe, backend):
+            raise UserError([f"{key}: {msg} (with the settings of {start.source})" for key, msg in problems])
+        if is_main():
+            print(start.note(), file=sys.stderr)
     recipe = resolve_batch(recipe, backend)  # batch_size = "auto" / memory_budget -> integers, saved with the run
-    return TrainSetup(recipe, RunDir(Path(output) if output else default_run_path(recipe.name)), False)
+    return TrainSetup(recipe, RunDir(Path(output) if output else default_run_path(recipe.name)), False,
+                      start.folder if start else None)
 
 
 def train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport, int], None] | None = None,
@@ -83,7 +101,8 @@ def _train(setup: TrainSetup, backend_name: str, on_report: Callable[[StepReport
         ensure_writable(run.path, "checking that the run directory can be written")
     backend = get_backend(backend_name)
     data = prepare_data(recipe)
-    loaded = backend.load(recipe)
+    # A resume restores every adapter weight from its checkpoint: the start folder is not read again.
+    loaded = backend.load(recipe, start=setup.start) if setup.start else backend.load(recipe)
     train_set, train_stats = tokenize(data.train, recipe, loaded.tokenizer)
     valid_set, _ = tokenize(data.valid, recipe, loaded.tokenizer, split="valid")
     steps = total_steps(recipe.train, math.ceil(len(train_set) / recipe.train.batch_size / world_size()))

@@ -25,7 +25,8 @@ from trmlx.embedding.batches import QueryWindow, UniqueBatchCursor, steps_for, u
 from trmlx.embedding.examples import EmbeddingExample
 from trmlx.errors import TrainingInterrupted, UserError
 from trmlx.recipe.checks import model_path
-from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
+from trmlx.loop import (Checkpoints, Position, Schedule, diverged, due_records, interrupts_deferred,
+                        require_examples, rewind, step_records, step_seed)
 from trmlx.precision import choose_dtype
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
@@ -100,16 +101,16 @@ def load(recipe: Recipe, path: str | Path | None = None, train: bool = False) ->
     as it is; with train=True, peft LoRA/DoRA attached (A from the core's seeded init) or all weights trainable."""
     from sentence_transformers import SentenceTransformer
 
+    source = str(path or model_path(recipe))
+    if path is None:
+        from trmlx.models import check_model_folder
+
+        check_model_folder(source, recipe.task)  # a bad local folder is one line (the only one), not a traceback
     models = st_modules()[0]
     info = describe_device()
     cpu_math()
     if train and info["kind"] == "cpu":
         print("trmlx: no CUDA GPU visible; the cuda backend runs on the CPU (slow, fp32)", file=sys.stderr)
-    source = str(path or model_path(recipe))
-    if path is None:
-        from trmlx.models import check_model_folder
-
-        check_model_folder(source, recipe.task)  # a bad local folder is one line, not a loader traceback
     emb = recipe.embedding
     try:
         if path is None and emb.pooling != "auto":
@@ -228,7 +229,17 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
     st.train()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> float:
+        return memory().peak / 1e9
+
+    def validation() -> tuple[float, dict[str, float]]:
+        return validation_loss(model, loss_fn, valid_set, recipe, cfg.max_eval_batches), {}
+
     try:
+        # A resume first delivers what the interrupted step still owed the log (e.g. a cut-off validation).
+        yield from step_records(position, window, batches.epoch, learning_rate(position.step, cfg, steps), peak,
+                                validation)
         while position.step < steps:
             step_start = (position.epoch, position.cursor)
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
@@ -244,22 +255,19 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
                 loss_sum, tokens = loss_sum + loss.item() * len(examples), tokens + count
             if not math.isfinite(loss_sum):
                 raise diverged(loss_sum, step, cfg.lr, last_checkpoint)
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            position.step = step
-            window.add(loss_sum, total, tokens)
-            if schedule.log(step):
-                yield window.report(step, batches.epoch, lr, memory().peak / 1e9)
-            if valid_set and schedule.validate(step):
-                loss = validation_loss(model, loss_fn, valid_set, recipe, cfg.max_eval_batches)
-                yield eval_report(step, batches.epoch, loss, position, memory().peak / 1e9)
-                window.restart_clock()
+            with interrupts_deferred():  # the update and the position that counts it: both or neither
+                scaler.unscale_(optimizer)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                window.add(loss_sum, total, tokens)
+                position.pending = due_records(schedule, step, bool(valid_set))
+                position.step = step
+            yield from step_records(position, window, batches.epoch, lr, peak, validation)
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda f: save_state(f, st, optimizer, scaler))
     except KeyboardInterrupt:

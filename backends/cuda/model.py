@@ -45,8 +45,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
-    """Model + tokenizer on the GPU (or the CPU, with a notice), quantised per recipe, adapter attached."""
+def load(recipe: Recipe, adapter: Path | None = None, start: Path | None = None) -> LoadedModel:
+    """Model + tokenizer on the GPU (or the CPU, with a notice), quantised per recipe, adapter attached; `start`: a
+    PEFT LoRA/DoRA folder whose weights the recipe's new adapter takes (continued training, trmlx.continued)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from trmlx.backends.cuda.distributed import ensure_process_group
@@ -86,6 +87,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         model = PeftModel.from_pretrained(model, str(adapter))  # for eval, generate and export
     elif peft.method in ("lora", "dora"):
         model = attach_lora(model, peft, recipe.train.seed)
+        if start is not None:
+            load_start(model, start)
     elif peft.method in ("prompt", "prefix"):
         model = attach_virtual_tokens(model, peft, cfg.path)
     elif peft.method == "full":
@@ -98,6 +101,21 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
     if recipe.task == "seq2seq":
         handle["decoder_start_id"] = model.config.decoder_start_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, handle=handle)
+
+
+def load_start(model: torch.nn.Module, folder: Path) -> None:
+    """Overwrite a new peft adapter's weights with a saved PEFT adapter's, after checking that every weight has its
+    counterpart of the same shape (peft's own loader would start a missing one from scratch without a word)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from trmlx.continued import check_weights, peft_key
+
+    path = Path(folder) / "adapter_model.safetensors"
+    weights = {peft_key(k): v for k, v in load_file(str(path)).items()}
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    check_weights(expected, {k: tuple(v.shape) for k, v in weights.items()}, path)
+    set_peft_model_state_dict(model, weights)
 
 
 def keep_generic_cpu_kernels(model: torch.nn.Module) -> None:

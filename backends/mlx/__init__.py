@@ -17,12 +17,12 @@ class MLXBackend:
 
     name = "mlx"
 
-    def load(self, recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
+    def load(self, recipe: Recipe, adapter: Path | None = None, start: Path | None = None) -> LoadedModel:
         from trmlx.backends.mlx.model import load
         from trmlx.models import check_model_folder
 
         check_model_folder(recipe.model.path, recipe.task)  # a bad local folder is one line, not a loader traceback
-        return load(recipe, adapter)
+        return load(recipe, adapter, start)
 
     def train(self, loaded: LoadedModel, recipe: Recipe, train: Sequence[Example], valid: Sequence[Example],
               run_dir: Path, resume: bool = False) -> Iterator[StepReport]:

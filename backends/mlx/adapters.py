@@ -28,6 +28,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
 _WRAPPERS = (LoRALinear, DoRALinear)
+# PEFT weight name suffix -> (MLX parameter, stored transposed): PEFT keeps A as (r, in), B as (out, r).
+_PEFT_PARTS = ((".lora_A.weight", "lora_a", True), (".lora_B.weight", "lora_b", True),
+               (".lora_magnitude_vector", "m", False))
 
 
 def layer_indices(model: nn.Module, last_n: int) -> list[int]:
@@ -143,8 +146,7 @@ def load_adapter(model: nn.Module, path: Path) -> PeftConfig:
     for key, value in weights.items():
         stem = key.removeprefix(_PEFT_PREFIX)
         stem = stem.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        for suffix, name, transpose in ((".lora_A.weight", "lora_a", True), (".lora_B.weight", "lora_b", True),
-                                        (".lora_magnitude_vector", "m", False)):
+        for suffix, name, transpose in _PEFT_PARTS:
             if stem.endswith(suffix):
                 module_path = stem[: -len(suffix)]
                 if module_path not in modules:
@@ -156,6 +158,32 @@ def load_adapter(model: nn.Module, path: Path) -> PeftConfig:
     model.update(tree_unflatten(params))
     mx.eval(model.trainable_parameters())
     return peft
+
+
+def load_start(model: nn.Module, path: Path) -> None:
+    """Overwrite the new adapter's weights (apply_lora) with a saved PEFT adapter's, for continued training: every
+    weight must have its counterpart of the same shape; each keeps the dtype the new adapter gave it."""
+    from safetensors.numpy import load_file
+
+    from trmlx.continued import check_weights, peft_key
+
+    weights_path = Path(path) / WEIGHTS_FILE
+    weights = {peft_key(k).removeprefix(_PEFT_PREFIX): v for k, v in load_file(str(weights_path)).items()}
+    current = dict(tree_flatten(model.trainable_parameters()))
+    expected, params = {}, []
+    for stem, value in weights.items():
+        for suffix, name, transpose in _PEFT_PARTS:
+            if stem.endswith(suffix) and f"{stem[: -len(suffix)]}.{name}" in current:
+                target = f"{stem[: -len(suffix)]}.{name}"
+                params.append((target, mx.array(value.T if transpose else value).astype(current[target].dtype)))
+                break
+    for target, value in current.items():  # what the new adapter holds, under PEFT's names and shapes
+        module, _, name = target.rpartition(".")
+        suffix, transpose = next((s, t) for s, n, t in _PEFT_PARTS if n == name)
+        expected[f"{_PEFT_PREFIX}{module}{suffix}"] = tuple(reversed(value.shape)) if transpose else value.shape
+    check_weights(expected, {_PEFT_PREFIX + k: v.shape for k, v in weights.items()}, weights_path)
+    model.update(tree_unflatten(params))
+    mx.eval(model.trainable_parameters())
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -29,7 +29,8 @@ from trmlx.embedding.batches import QueryWindow, UniqueBatchCursor, steps_for, u
 from trmlx.embedding.examples import EmbeddingExample
 from trmlx.errors import TrainingInterrupted, UserError
 from trmlx.recipe.checks import model_path
-from trmlx.loop import Checkpoints, Position, Schedule, diverged, eval_report, require_examples, rewind, step_seed
+from trmlx.loop import (Checkpoints, Position, Schedule, diverged, due_records, interrupts_deferred,
+                        require_examples, rewind, step_records, step_seed)
 from trmlx.recipe.schema import PeftConfig, Recipe
 from trmlx.report import StepReport
 from trmlx.rundir import RunDir, atomic_write
@@ -221,7 +222,17 @@ def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[Embedding
     batches = UniqueBatchCursor(train_set, cfg.batch_size, cfg.seed, position)
     window = QueryWindow(position)
     mx.reset_peak_memory()
+
+    def peak() -> float:
+        return mx.get_peak_memory() / 1e9
+
+    def validation() -> tuple[float, dict[str, float]]:
+        return validation_loss(model, valid_set, recipe, cfg.max_eval_batches), {}
+
     try:
+        # A resume first delivers what the interrupted step still owed the log (e.g. a cut-off validation).
+        yield from step_records(position, window, batches.epoch, learning_rate(position.step, cfg, steps), peak,
+                                validation)
         while position.step < steps:
             step_start = (position.epoch, position.cursor)  # restored if Ctrl-C lands inside this step
             step, lr = position.step + 1, learning_rate(position.step + 1, cfg, steps)
@@ -239,20 +250,17 @@ def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[Embedding
             grads = tree_map(lambda g, n=queries: g / n, grads)
             if cfg.grad_clip:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-            mx.eval(loss_sum, grads)
+            mx.eval(loss_sum, grads)  # the backward pass runs here, where Ctrl-C may still cut in
             if not math.isfinite(loss_sum.item()):
                 raise diverged(loss_sum.item(), step, cfg.lr, last_checkpoint)
-            optimizer.learning_rate = lr
-            optimizer.update(net, grads)
-            mx.eval(net.trainable_parameters(), optimizer.state)
-            position.step = step
-            window.add(loss_sum.item(), queries, tokens)
-            if schedule.log(step):
-                yield window.report(step, batches.epoch, lr, mx.get_peak_memory() / 1e9)
-            if valid_set and schedule.validate(step):
-                loss = validation_loss(model, valid_set, recipe, cfg.max_eval_batches)
-                yield eval_report(step, batches.epoch, loss, position, mx.get_peak_memory() / 1e9)
-                window.restart_clock()
+            with interrupts_deferred():  # the update and the position that counts it: both or neither
+                optimizer.learning_rate = lr
+                optimizer.update(net, grads)
+                mx.eval(net.trainable_parameters(), optimizer.state)
+                window.add(loss_sum.item(), queries, tokens)
+                position.pending = due_records(schedule, step, bool(valid_set))
+                position.step = step
+            yield from step_records(position, window, batches.epoch, lr, peak, validation)
             if schedule.save(step):
                 last_checkpoint = checkpoints.save(position, lambda folder: save_state(folder, net, optimizer))
     except KeyboardInterrupt:

@@ -18,13 +18,14 @@ from trmlx.recipe.schema import Recipe
 import trmlx.backends.mlx.t5_prompt as t5_prompt
 import trmlx.backends.mlx.virtual_tokens as virtual_tokens
 from trmlx.backends.mlx.loss import split_head
-from trmlx.backends.mlx.adapters import apply_lora, load_adapter
+from trmlx.backends.mlx.adapters import apply_lora, load_adapter, load_start
 
 
-def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
+def load(recipe: Recipe, adapter: Path | None = None, start: Path | None = None) -> LoadedModel:
     """Model + HF tokenizer; quantised per recipe; a new LoRA/DoRA/prompt/prefix adapter from the recipe or a saved
     PEFT adapter (prompt/prefix tuning return a wrapper model: virtual_tokens.VirtualTokenModel for causal LMs,
-    t5_prompt.T5PromptModel for T5)."""
+    t5_prompt.T5PromptModel for T5). `start`: a PEFT LoRA/DoRA folder whose weights the recipe's new adapter takes
+    (continued training; trmlx.continued made the recipe's peft keys the adapter's)."""
     from mlx_lm.utils import _download, load_model, load_tokenizer
 
     model_cfg = recipe.model
@@ -74,6 +75,8 @@ def load(recipe: Recipe, adapter: Path | None = None) -> LoadedModel:
         peft = load_adapter(model, adapter)  # the adapter's own rank/alpha/targets, not the recipe's
     elif peft.method in ("lora", "dora"):
         apply_lora(model, peft, seed=recipe.train.seed)
+        if start is not None:
+            load_start(model, start)
     elif peft.method in ("prompt", "prefix"):
         attach = t5_prompt.attach if seq2seq else virtual_tokens.attach
         model = attach(model, config, peft, hf_tokenizer)

@@ -400,6 +400,16 @@ class T5(nn.Module):
                cache: T5Cache | None = None) -> mx.array:
         """Logits (B, T, vocab) of the decoder; with `cache`, decoder_input_ids continue the cached positions
         (the cross-attention K/V are taken from the cache after the first call)."""
+        return self.head(self.decoder_states(decoder_input_ids, encoder_states, attention_mask, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of decoder states (decoder_states): the untied lm_head, or the shared embedding as a linear."""
+        return self.lm_head(h) if "lm_head" in self else self.shared.as_linear(h)
+
+    def decoder_states(self, decoder_input_ids: mx.array, encoder_states: mx.array,
+                       attention_mask: mx.array | None = None, cache: T5Cache | None = None) -> mx.array:
+        """What the head takes (B, T, d_model): the decoder's final states, scaled by d_model**-0.5 where the
+        model scales them (T5 v1.0); the chunked loss (loss.py) runs the head over their target rows only."""
         h = self.decoder.dropout(self.shared(decoder_input_ids))
         L = decoder_input_ids.shape[1]
         offset = cache.offset if cache is not None else 0
@@ -411,16 +421,19 @@ class T5(nn.Module):
         for i, block in enumerate(self.decoder.block):
             h = block(h, mask, encoder_states, cross_mask, cache[i] if cache is not None else None)
         h = self.decoder.dropout(self.decoder.final_layer_norm(h))
-        if self.args.scale_decoder_outputs:
-            h = h * (self.args.d_model ** -0.5)
-        return self.lm_head(h) if "lm_head" in self else self.shared.as_linear(h)
+        return h * (self.args.d_model ** -0.5) if self.args.scale_decoder_outputs else h
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  decoder_input_ids: mx.array | None = None) -> mx.array:
         """Training forward: logits (B, T, vocab) for decoder_input_ids (the labels shifted right)."""
+        return self.head(self.train_states(input_ids, attention_mask, decoder_input_ids))
+
+    def train_states(self, input_ids: mx.array, attention_mask: mx.array | None,
+                     decoder_input_ids: mx.array | None) -> mx.array:
+        """The training forward up to the head: decoder_states (B, T, d_model) for teacher-forced inputs."""
         if decoder_input_ids is None:
             raise ValueError("T5 needs decoder_input_ids (the targets shifted right; see shift_right)")
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+        return self.decoder_states(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
 
 
 def shift_right(labels: mx.array, decoder_start_id: int = 0, pad_id: int = 0, ignore_index: int = -100) -> mx.array:

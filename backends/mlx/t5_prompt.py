@@ -100,9 +100,15 @@ class T5PromptModel(nn.Module):
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  decoder_input_ids: mx.array | None = None) -> mx.array:
         """Training forward: logits (B, T, vocab) of the real decoder positions (the decoder has no virtual ones)."""
+        return self.base.head(self.train_states(input_ids, attention_mask, decoder_input_ids))
+
+    def train_states(self, input_ids: mx.array, attention_mask: mx.array | None,
+                     decoder_input_ids: mx.array | None) -> mx.array:
+        """T5.train_states with the virtual tokens before the encoder inputs: what the head takes."""
         if decoder_input_ids is None:
             raise ValueError("T5 needs decoder_input_ids (the targets shifted right; see shift_right)")
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+        return self.base.decoder_states(decoder_input_ids, self.encode(input_ids, attention_mask),
+                                        self.extend_mask(attention_mask))
 
     # --- PEFT format --------------------------------------------------------------------------------------------
 

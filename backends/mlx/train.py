@@ -34,7 +34,7 @@ def token_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, 
     """Summed cross-entropy over target tokens, and their count (the caller divides once per optimizer step).
     Batches with loss_rows (trmlx.data.examples.with_loss_rows) run the head over those rows only, chunked."""
     if "loss_rows" in batch:
-        return chunked_token_loss(split_head(model), batch)
+        return chunked_token_loss(split_head(model), batch, training=model.training)
     if "decoder_inputs" in batch:  # encoder-decoder (T5)
         logits = model(batch["inputs"], batch["attention_mask"], batch["decoder_inputs"])
     else:

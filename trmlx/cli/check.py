@@ -25,6 +25,7 @@ def check(recipes: tuple[str, ...], backend: str | None, no_tokenizer: bool, ove
 
     Every problem is reported at once, each naming the file, line or key. Exit code 2 if any recipe is invalid.
     """
+    from trmlx import continued
     from trmlx.data import prepare_data
     from trmlx.data.summary import load_local_tokenizer, summarize
     from trmlx.recipe import load_recipe
@@ -33,11 +34,15 @@ def check(recipes: tuple[str, ...], backend: str | None, no_tokenizer: bool, ove
     for path in recipes:
         try:
             recipe = load_recipe(path, overrides, backend)
+            start = continued.resolve(recipe)  # the start adapter is read now, as `trmlx train` will read it
             data = prepare_data(recipe)
             tokenizer, why = (None, "skipped (--no-tokenizer)") if no_tokenizer else load_local_tokenizer(
                 recipe.model.path)
             summary = summarize(recipe, data, tokenizer)
             summary["path"] = path
+            if start is not None and start.replaced:
+                summary["warnings"].append(f"peft.init_adapter: the adapter's own settings replace the recipe's "
+                                           f"{', '.join(start.replaced)}")
             summary["tokenizer"] = recipe.model.path if tokenizer is not None else why
             results.append(summary)
         except UserError as err:

@@ -45,11 +45,15 @@ def _model_target(model_path: str, backend: str | None) -> Target:
                   backend or "mlx", None)
 
 
-def prompt_ids(text: str, target: Target, tokenizer: Any, raw: bool) -> list[int]:
-    """Token ids of a user prompt: as is with --raw, else formatted like a training record whose input is text."""
+def prompt_ids(text: str, target: Target, tokenizer: Any, raw: bool, chat: bool = False) -> list[int]:
+    """Token ids of a user prompt: as is with --raw; a user turn in the chat template when the model was trained on
+    conversations (`chat`, see trains_on_conversations); else formatted like a training record whose input is text."""
+    from trmlx.data.chat import chat_prompt_ids
     from trmlx.data.examples import encode_prompt, format_example
     from trmlx.data.prepare import Record
 
+    if chat and not raw:
+        return chat_prompt_ids([{"role": "user", "content": text}], tokenizer, "--prompt")
     if not raw:
         record = Record({"source": text, "input": text, "target": ""}, origin="--prompt")
         try:
@@ -112,6 +116,7 @@ def generate(target: str | None, prompt: str | None, interactive: bool, model_pa
              stop: tuple[str, ...], seed: int | None, as_json: bool) -> None:
     """Complete a prompt with a run's model and adapter, streaming tokens as they come."""
     from trmlx.backend import get_backend
+    from trmlx.data.prepare import trains_on_conversations
     from trmlx.evaluate import generation_settings
 
     if (prompt is None) == (not interactive):
@@ -133,6 +138,7 @@ def generate(target: str | None, prompt: str | None, interactive: bool, model_pa
                                    stop=tuple(stop) or None)
     runner = get_backend(resolved.backend)
     loaded = runner.load(resolved.recipe, resolved.adapter)
+    chat = not raw and trains_on_conversations(resolved.recipe)  # read once, before the first prompt
     tty = sys.stdout.isatty() and not as_json
 
     def write(piece: str) -> None:
@@ -141,7 +147,8 @@ def generate(target: str | None, prompt: str | None, interactive: bool, model_pa
             sys.stdout.flush()
 
     def run_once(text: str) -> dict[str, Any]:
-        result = _complete(runner, loaded, prompt_ids(text, resolved, loaded.tokenizer, raw), settings, seed, write)
+        ids = prompt_ids(text, resolved, loaded.tokenizer, raw, chat)
+        result = _complete(runner, loaded, ids, settings, seed, write)
         write("\n")
         if tty:
             console().print(f"[dim]{result['tokens']} tokens, {result['tokens_per_second'] or 0:,.1f} tokens/s"

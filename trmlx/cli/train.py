@@ -18,13 +18,16 @@ from trmlx.recipe.schema import BACKEND_NAMES
               help="Run directory (default runs/<recipe-name>-<timestamp>).")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue the run in this directory from its latest checkpoint.")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="Start from this LoRA/DoRA adapter's weights (PEFT or mlx-lm folder; = --set peft.init_adapter, "
+                   "relative to here): its rank, alpha, targets and layers replace the recipe's; fresh optimizer.")
 @click.option("--fit-budget", default=None, metavar="SIZE",
               help="Fit a memory budget, e.g. 16GB: choose micro-batch, grad_accum (same effective batch) and "
                    "checkpointing (= --set train.memory_budget=SIZE; see trmlx plan).")
 @set_option
 @json_option
-def train(recipe: str | None, backend: str, output: str | None, resume: str | None, fit_budget: str | None,
-          overrides: tuple[str, ...], as_json: bool) -> None:
+def train(recipe: str | None, backend: str, output: str | None, resume: str | None, adapter: str | None,
+          fit_budget: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Fine-tune the model of RECIPE; writes metrics, checkpoints, the adapter and a loss plot to the run dir."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -34,7 +37,7 @@ def train(recipe: str | None, backend: str, output: str | None, resume: str | No
 
     if fit_budget:
         overrides += (f"train.memory_budget={fit_budget!r}",)
-    setup = runner.resolve_run(recipe, backend, overrides, output, resume)
+    setup = runner.resolve_run(recipe, backend, overrides, output, resume, adapter)
     out = console() if not as_json else console().__class__(file=sys.stderr)
     progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

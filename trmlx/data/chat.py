@@ -45,6 +45,13 @@ def render_chat(messages: Sequence[dict[str, Any]], tokenizer: Any, origin: str,
         raise UserError(f"{origin}: the model's chat template rejects this conversation: {first[:200]}") from None
 
 
+def chat_prompt_ids(messages: Sequence[dict[str, Any]], tokenizer: Any, origin: str) -> list[int]:
+    """Ids of `messages` followed by the template's assistant header: a prompt for a model trained on
+    conversations, tokenised as encode_conversation tokenises them (no special tokens beyond the template's)."""
+    text = render_chat(messages, tokenizer, origin, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_conversation(messages: Sequence[dict[str, Any]], tokenizer: Any,
                         origin: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of the whole conversation and the [start, end) token spans that carry loss: each assistant

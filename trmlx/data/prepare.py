@@ -104,6 +104,34 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     return PreparedData(train, valid, test, report)
 
 
+def trains_on_conversations(recipe: Recipe) -> bool:
+    """Whether a causal recipe trains on `messages` rows (conversations rendered with the chat template), judged
+    from its first training source's rows as prepare_data would map them: generate then sends a prompt as a user
+    turn. Data this machine cannot read count as plain text (generate needs no data)."""
+    if recipe.task != "causal":
+        return False
+    data = recipe.data
+    task = (data.tasks or [TaskConfig(name="", train=data.train, columns=data.columns, template=data.template)])[0]
+    columns = {**data.columns, **task.columns}
+    if "messages" in columns:
+        return True
+    files = [task.train] if isinstance(task.train, str) else list(task.train)
+    try:
+        if files and files[0]:
+            rows = read_rows(files[0])
+        elif not data.dataset:
+            return False
+        else:
+            from trmlx.data.hub import read_dataset_splits
+
+            rows = read_dataset_splits(data.dataset, data.dataset_config, {"train": data.dataset_split}).rows["train"]
+        header = list(dict.fromkeys(k for row in rows[:50] for k in columns_of(row.values)))
+        roles = _resolve_roles("causal", header, columns, rows[0].origin, bool(task.template or data.template))
+    except (UserError, OSError, IndexError, KeyError):
+        return False
+    return "messages" in roles
+
+
 def target_of(record: Record) -> str:
     """The text trained on as the answer (the first gold answer when there are several)."""
     f = record.fields

@@ -4,10 +4,11 @@ function of (seed, epoch) so a resumed run continues the same sequence; the step
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Sequence
 
 from trmlx.embedding.examples import EmbeddingExample
-from trmlx.loop import Position
+from trmlx.loop import Position, ReportWindow
 from trmlx.recipe.schema import Recipe
 from trmlx.report import StepReport
 
@@ -66,30 +67,24 @@ def steps_for(examples: Sequence[EmbeddingExample], recipe: Recipe) -> int:
     return total_steps(recipe.train, len(unique_text_batches(examples, recipe.train.batch_size, recipe.train.seed)))
 
 
-class QueryWindow:
-    """ReportWindow for contrastive steps: the loss is the mean over queries, throughput counts real tokens."""
+class QueryWindow(ReportWindow):
+    """ReportWindow for contrastive steps: the loss is the mean over queries (the Position's window_tokens counts
+    queries here, so the window is checkpointed with it), throughput counts real tokens."""
 
     def __init__(self, position: Position):
-        import time
+        super().__init__(position)
+        self.tokens = 0
 
-        self.position, self.clock = position, time.perf_counter
-        self.loss_sum, self.queries, self.tokens, self.start = 0.0, 0, 0, self.clock()
-
-    def add(self, loss_sum: float, queries: int, tokens: int) -> None:
-        self.loss_sum += loss_sum
-        self.queries += queries
-        self.tokens += tokens
+    def add(self, loss_sum: float, queries: int, tokens: int) -> None:  # type: ignore[override]
+        self.position.window_loss += loss_sum
+        self.position.window_tokens += queries
         self.position.trained_tokens += tokens
+        self.tokens += tokens
 
     def report(self, step: int, epoch: float, lr: float, peak_memory_gb: float) -> StepReport:
-        now = self.clock()
-        self.position.elapsed_seconds += now - self.start
-        report = StepReport(step=step, epoch=epoch, loss=self.loss_sum / max(self.queries, 1), learning_rate=lr,
-                            tokens_per_second=self.tokens / max(now - self.start, 1e-9),
-                            trained_tokens=self.position.trained_tokens, peak_memory_gb=peak_memory_gb,
-                            elapsed_seconds=self.position.elapsed_seconds)
-        self.loss_sum, self.queries, self.tokens, self.start = 0.0, 0, 0, now
-        return report
+        report = super().report(step, epoch, lr, peak_memory_gb)
+        return replace(report, tokens_per_second=self.tokens / max(self.reported_at - self.start, 1e-9))
 
-    def restart_clock(self) -> None:
-        self.start = self.clock()
+    def clear(self) -> None:
+        super().clear()
+        self.tokens = 0

@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from trmlx.backend import get_embedding_backend
 from trmlx.embedding.batches import steps_for
-from trmlx.embedding.examples import (MODEL_DIR, NEGATIVES_FILE, examples_from_records, read_examples,
-                                      training_examples, write_examples)
+from trmlx.embedding.examples import (MODEL_DIR, NEGATIVES_FILE, examples_from_records, negatives_source,
+                                      read_examples, training_examples, write_examples)
 from trmlx.errors import UserError
 from trmlx.report import StepReport
 
@@ -41,9 +41,13 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
         train, source = read_examples(saved), "saved"
     else:
         train, source, counts = training_examples(data.train, recipe, model)
-    valid = examples_from_records(data.valid, recipe, explicit=source not in ("none", "mined", "random"))
+    # Validation keeps the data's own negatives only where training did: decided from the recipe and the data,
+    # so a resumed run (whose training negatives are "saved") validates on the same examples.
+    valid = examples_from_records(data.valid, recipe, explicit=negatives_source(recipe, data.train) not in
+                                  ("none", "mined", "random"))
     steps = steps_for(train, recipe)
-    if setup.resume and Checkpoints(run).latest()[1].step >= steps:
+    resumed = Checkpoints(run).latest()[1] if setup.resume else None
+    if resumed and resumed.step >= steps and not resumed.pending:  # a final validation still owed: deliver it
         raise UserError(f"--resume {run.path}: the run already finished all {steps} steps; evaluate it with "
                         f"trmlx eval {run.path}")
     device = module.device_name()
@@ -52,8 +56,8 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
     if not setup.resume:
         write_examples(saved, train)
     logger = MetricsLogger(run.metrics)
-    if setup.resume:
-        logger.truncate_after(Checkpoints(run).latest()[1].step)
+    if resumed:
+        logger.truncate_after(resumed.step)
     if on_start:
         on_start({"run": str(run.path), "steps": steps, "train_examples": len(train), "valid_examples": len(valid),
                   "truncated": 0, "dropped_too_long": 0, "device": device, "negatives": source,
@@ -61,6 +65,7 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
                   "negative_counts": dict(counts), "data_warnings": data.report.warnings()})
     last: dict[str, StepReport] = {}
     reports = module.train_loop(model, recipe, train, valid, run.path, setup.resume)
+    report: StepReport | None = None
     try:
         for report in reports:
             logger.log(report)
@@ -68,7 +73,13 @@ def train_embedding(setup: Any, backend_name: str, on_report: Callable[[StepRepo
             if on_report:
                 on_report(report, steps)
     except KeyboardInterrupt:
-        reports.throw(KeyboardInterrupt())  # checkpoint the last complete step, then TrainingInterrupted
+        if reports.gi_frame is None:  # the backend itself was interrupted and has checkpointed
+            raise
+        # Ctrl-C landed here, not in the backend: log the record in hand if it missed the log, then hand the
+        # Ctrl-C in at the yield, where the backend checkpoints it as delivered and raises TrainingInterrupted.
+        if report is not None:
+            logger.ensure(report)
+        reports.throw(KeyboardInterrupt())
         raise
     out = run.path / MODEL_DIR
     module.save(model, recipe, out)

@@ -46,7 +46,7 @@ def is_local_path(value: str, base_dir: Path) -> bool:
 
 
 def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
-    """Make data files and local model directories absolute, relative to the recipe's folder."""
+    """Make data files, local model directories and peft.init_adapter absolute, relative to the recipe's folder."""
 
     def files(value: str | list[str]) -> str | list[str]:
         if isinstance(value, list):
@@ -64,7 +64,10 @@ def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         model = dataclasses.replace(model, path=packaged_model_path(model.path))
     elif model.path and is_local_path(model.path, base_dir):
         model = dataclasses.replace(model, path=str((base_dir / Path(model.path).expanduser()).resolve()))
-    return dataclasses.replace(recipe, data=data, model=model)
+    peft = recipe.peft
+    if peft.init_adapter:  # an adapter folder is always local: resolved like data files
+        peft = dataclasses.replace(peft, init_adapter=files(peft.init_adapter))
+    return dataclasses.replace(recipe, data=data, model=model, peft=peft)
 
 
 def model_path(recipe: Recipe) -> str:
@@ -135,6 +138,10 @@ def check_combinations(recipe: Recipe, backend: str | None) -> list[tuple[str, s
     if "wi" in targets and model.path and model_is_gated_t5(model.path):
         problems.append(("peft.targets", "mT5 / T5 v1.1 feed-forward layers are wi_0 and wi_1; `wi` matches "
                                          "nothing in this model"))
+    if peft.init_adapter and recipe.task == "embedding":
+        problems.append(("peft.init_adapter", "continues LoRA/DoRA training of causal and seq2seq models; an "
+                                              "embedding run starts from model.path (a saved RUN/model folder "
+                                              "works there)"))
     if model.quantize_bits and peft.method == "full":
         problems.append(("peft.method", "full fine-tuning needs unquantised weights; set model.quantize_bits = 0 "
                                         "or use lora"))

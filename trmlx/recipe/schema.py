@@ -113,6 +113,10 @@ class PeftConfig:
     num_virtual_tokens: int = doc(20, "Virtual tokens for prefix and prompt tuning.", minimum=1, maximum=512)
     prefix_projection: bool = doc(False, "Prefix tuning: reparameterise the prefix through an MLP (more stable).")
     prompt_init_text: str = doc("", "Prompt tuning: initialise the soft prompt from this text's embeddings.")
+    init_adapter: str = doc(
+        "", "Start training from this LoRA/DoRA adapter folder (PEFT, or mlx-lm's adapters.safetensors + "
+            "adapter_config.json), relative to the recipe file; its rank, alpha, targets, layers and method replace "
+            "the ones above (a note says which changed); optimizer state starts fresh. \"\" = a new adapter.")
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,12 @@ class TrainConfig:
     grad_checkpoint: bool = doc(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
     loss_chunk_size: int = doc(
         128, "Target tokens per chunk of the output head and cross-entropy (causal LMs of the Llama / Qwen / "
-        "Mistral families): the head runs over target positions only, chunk by chunk, so the full tokens × vocabulary "
+        "Mistral families, and T5 / mT5 seq2seq models over their decoder's target positions, except T5 prefix "
+        "tuning): the head runs over target positions only, chunk by chunk, so the full tokens × vocabulary "
         "logits never exist; same loss and gradients. 128 (measured, benchmarks/results/loss_chunking-cpu.json): at a "
         "152k vocabulary and 4,096 tokens the loss layer takes 0.77 GB on MLX and 0.24 GB on torch instead of 5.0 and "
-        "7.5, and steps are 2.3-3.2x faster. 0 = one unchunked head over every position.", minimum=0)
+        "7.5, and steps are 2.3-3.2x faster (mT5's 250k vocabulary: loss_chunking_seq2seq-cpu.json). 0 = one "
+        "unchunked head over every position.", minimum=0)
     memory_budget: str = doc("", 'Peak-memory budget, e.g. "16GB": micro-batch, grad_accum and grad_checkpoint are '
                                  'chosen to fit it, keeping the effective batch (trmlx plan); "" = off.')
     effective_batch: int = doc(16, 'Examples per optimizer step kept when batch_size = "auto" (micro-batch × '

