@@ -42,16 +42,16 @@ from trmlx.recipe.schema import Recipe
 #                  softmax, its gradient and the temporaries between) when more chunks follow; single_chunk_fp32
 #                  when the batch's targets fit one chunk. Measured at 7B width (vocabulary 128,256-152,064): torch
 #                  ~2 alone (logits + logsumexp's temporary), ~3 with a next chunk (the previous chunk's gradient
-#                  is still referenced); MLX ~4 alone, ~8 with several (its lazy graph overlaps ~2 chunks)
+#                  is still referenced); MLX ~3.4 alone, ~4.7 with several (the forward-gradient chunks)
 #   prefill_*      eval generation: one layer's forward over the prompt chunk (no gradients)
 # Refit with `python benchmarks/plan_calibration.py --width`: one fit over the tiny Llamas of
 # benchmarks/results/plan_calibration-cpu.json (hidden 64-256) and the 1-2 layer models of Qwen2.5-7B's and
 # Llama-3-8B's width of benchmarks/results/plan_calibration_width-cpu.json (the data and the errors of both).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
-        "act_h": 0, "act_qkv": 3.391, "act_mlp": 6.573, "act_scores": 1.443, "ckpt_h": 15.346, "ckpt_layer_h": 0,
-        "ckpt_layer_qkv": 0, "ckpt_layer_mlp": 15.09, "ckpt_layer_scores": 3.489, "logits_fp32": 1.46,
-        "quant_logits_fp32": 1.691, "chunk_fp32": 8.325, "single_chunk_fp32": 4.047, "prefill_h": 3.328,
+        "act_h": 0, "act_qkv": 2.993, "act_mlp": 6.989, "act_scores": 1.444, "ckpt_h": 15.444, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 0.254, "ckpt_layer_mlp": 14.412, "ckpt_layer_scores": 3.593, "logits_fp32": 1.447,
+        "quant_logits_fp32": 1.657, "chunk_fp32": 4.713, "single_chunk_fp32": 3.367, "prefill_h": 3.328,
         "prefill_mlp": 3.834, "prefill_scores": 1.531},
     "torch": {
         "act_h": 4.796, "act_qkv": 0.621, "act_mlp": 4.041, "act_scores": 0.076, "ckpt_h": 1.059, "ckpt_layer_h": 0,
