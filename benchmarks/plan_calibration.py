@@ -19,7 +19,7 @@ OUT/plan_calibration[_<task>]-<device>.json (every measurement, the fit and the 
 --width measures the causal planner at 7B width: 1-2 layer random models with Qwen2.5-7B's and Llama-3-8B's
 hidden size, heads, MLP and vocabulary, fp32 (~5.3 GB of weights each; ~40 min here, 12 measurements, one process
 each). It fits once over those rows and the committed tiny ones (benchmarks/results/plan_calibration-cpu.json,
-measured before the chunked loss existed, so re-planned unchunked), each row's error taken relative to the part of
+measured with the chunked loss; remeasure them with --task causal first when the code moved), each row's error taken relative to the part of
 its peak the coefficients explain (weights are exact), and writes OUT/plan_calibration_width-<device>.json: the
 width rows, their errors and the tiny rows' errors under the same coefficients.
 """
@@ -128,7 +128,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep the models and worker results here (a cut-short run "
                         "resumes); default: a temporary folder")
     args = parser.parse_args()
-    from trmlx.bench.calibration import measure, rerooted, unchunked
+    from trmlx.bench.calibration import measure, rerooted
     from trmlx.rundir import atomic_write
 
     planner = importlib.import_module(f"trmlx.plan.{args.task}")
@@ -146,12 +146,12 @@ def main() -> int:
     fitted = dict(planner.CALIBRATION)
     if args.width:
         # One fit over the committed tiny rows and the width rows, each row's error relative to what the
-        # coefficients explain. The tiny rows were measured before the chunked loss existed: re-planned unchunked.
-        tiny = [unchunked(rerooted(r, REPO)) for r in json.loads(TINY.read_text())["measurements"]]
+        # coefficients explain.
+        tiny = [rerooted(r, REPO) for r in json.loads(TINY.read_text())["measurements"]]
         for family, backend in (("mlx", "mlx"), ("torch", "cuda")):
             small, wide = ([r for r in rows_ if r["backend"] == backend] for rows_ in (tiny, rows))
             if wide:  # both sets weigh the same in total: a few width rows against ~40 tiny ones
-                weights = [1.0] * len(small) + [(len(small) / len(wide)) ** 0.5] * len(wide)
+                weights = [1.0] * len(small) + [len(small) / len(wide)] * len(wide)
                 fixed = planner.CALIBRATION[family]
                 fitted[family] = {
                     **fixed, **fit(small + wide, planner.TRAIN_KEYS, keys, "train", fixed, True, weights),

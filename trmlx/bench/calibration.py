@@ -251,11 +251,6 @@ def rerooted(row: dict[str, Any], repo: Path) -> dict[str, Any]:
     return {**row, "spec": {**row["spec"], "recipe": str(repo / "recipes" / Path(row["spec"]["recipe"]).name)}}
 
 
-def unchunked(row: dict[str, Any]) -> dict[str, Any]:
-    """A row measured before the chunked loss existed (the committed tiny causal set), to be planned as it ran."""
-    return {**row, "spec": {**row["spec"], "overrides": [*row["spec"]["overrides"], "train.loss_chunk_size=0"]}}
-
-
 def plan_of(row: dict[str, Any], coefficients: dict[str, float] | None = None) -> Any:
     """trmlx plan's prediction for exactly the measured configuration (the model's config.json kept with the row,
     its folder being gone by now); `coefficients` replace the planner's CALIBRATION."""

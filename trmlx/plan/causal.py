@@ -37,7 +37,8 @@ from trmlx.recipe.schema import Recipe
 #   ckpt_layer_*   the one layer live in full while it is recomputed and differentiated (after the loss's
 #                  temporaries are freed: the plan counts the larger of the two)
 #   logits_fp32    fp32 vocabulary-sized rows per token besides the model-dtype logits (softmax / loss / gradient);
-#                  quant_logits_fp32 more when MLX's head is quantised
+#                  quant_logits_fp32 more when MLX's head is quantised. Unchunked only (train.loss_chunk_size = 0,
+#                  prompt / prefix tuning), which the calibration sets no longer run: kept from the last fit that did
 #   chunk_fp32     with a chunked loss: fp32 copies of one chunk's rows × vocabulary live at once (logits,
 #                  softmax, its gradient and the temporaries between) when more chunks follow; single_chunk_fp32
 #                  when the batch's targets fit one chunk. Measured at 7B width (vocabulary 128,256-152,064): torch
@@ -49,15 +50,15 @@ from trmlx.recipe.schema import Recipe
 # Llama-3-8B's width of benchmarks/results/plan_calibration_width-cpu.json (the data and the errors of both).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
-        "act_h": 0, "act_qkv": 2.993, "act_mlp": 6.989, "act_scores": 1.444, "ckpt_h": 15.444, "ckpt_layer_h": 0,
-        "ckpt_layer_qkv": 0.254, "ckpt_layer_mlp": 14.412, "ckpt_layer_scores": 3.593, "logits_fp32": 1.447,
-        "quant_logits_fp32": 1.657, "chunk_fp32": 4.713, "single_chunk_fp32": 3.367, "prefill_h": 3.328,
-        "prefill_mlp": 3.834, "prefill_scores": 1.531},
+        "act_h": 5.24, "act_qkv": 0, "act_mlp": 8.0, "act_scores": 1.616, "ckpt_h": 16.916, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 0, "ckpt_layer_mlp": 13.839, "ckpt_layer_scores": 3.55, "logits_fp32": 1.447,
+        "quant_logits_fp32": 1.657, "chunk_fp32": 4.122, "single_chunk_fp32": 2.523, "prefill_h": 2.695,
+        "prefill_mlp": 4.078, "prefill_scores": 1.63},
     "torch": {
-        "act_h": 4.796, "act_qkv": 0.621, "act_mlp": 4.041, "act_scores": 0.076, "ckpt_h": 1.059, "ckpt_layer_h": 0,
-        "ckpt_layer_qkv": 3.138, "ckpt_layer_mlp": 6.358, "ckpt_layer_scores": 0, "logits_fp32": 2.021,
-        "quant_logits_fp32": 0, "chunk_fp32": 3.082, "single_chunk_fp32": 2.05, "prefill_h": 3.655,
-        "prefill_mlp": 3.993, "prefill_scores": 0.075},
+        "act_h": 5.199, "act_qkv": 1.05, "act_mlp": 3.919, "act_scores": 0.042, "ckpt_h": 0.953, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 3.13, "ckpt_layer_mlp": 6.474, "ckpt_layer_scores": 0.044, "logits_fp32": 2.021,
+        "quant_logits_fp32": 0, "chunk_fp32": 3.222, "single_chunk_fp32": 1.961, "prefill_h": 3.68,
+        "prefill_mlp": 3.979, "prefill_scores": 0.076},
 }
 # Where CALIBRATION was measured: result file -> the hidden sizes of its models (tests/test_plan_width.py checks
 # these against the files). trmlx plan names them, and says whether the planned model's width is among them.
