@@ -95,8 +95,8 @@ def test_plan_cli_for_the_7b_recipe(cli):
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     terms = {t["name"]: t["gb"] for t in plan["terms"]}
-    assert set(terms) == {"weights", "adapter", "gradients", "optimizer", "activations", "logits_loss", "kv_cache",
-                          "prefill", "overhead"}
+    assert set(terms) == {"weights", "adapter", "gradients", "optimizer", "activations", "recompute", "logits_loss",
+                          "kv_cache", "prefill", "overhead"}  # recompute: grad_checkpoint is on
     assert 4.5 < terms["weights"] < 6.0  # NF4 blocks + bf16 embedding and head of Qwen2.5-7B
     assert plan["settings"]["grad_checkpoint"] is True and plan["settings"]["adapted_layers"] == 16
     assert isinstance(plan["fits"], bool) and plan["budget_gb"] == 16.0
@@ -111,7 +111,7 @@ def test_plan_without_a_config_is_one_clear_error(cli):
     assert result.stderr.strip().splitlines() == [
         "error: model.path: no config.json for 'Qwen/Qwen2.5-7B-Instruct' locally or in the Hugging Face cache; "
         "fetch just the config (huggingface-cli download Qwen/Qwen2.5-7B-Instruct config.json) or pass "
-        "--model-shape 7b|qwen2.5-7b|tiny|CONFIG.json"]
+        "--model-shape 7b|qwen2.5-7b|llama3-8b|tiny|CONFIG.json"]
 
 
 def test_every_task_kind_has_a_planner_and_a_bench_module():

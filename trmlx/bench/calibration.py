@@ -2,8 +2,8 @@
 is calibrated on, the measurement (trmlx bench's own worker: the real load, train loop and eval), the plan of the
 same configuration, and the NNLS fit of the planner's coefficients.
 
-Used by `benchmarks/plan_calibration.py --task causal|seq2seq|embedding` (the fit) and by
-tests/test_plan_accuracy.py (the ±20% check). `repo` is a source checkout: the quickstart recipes and the shipped
+Used by `benchmarks/plan_calibration.py --task causal|seq2seq|embedding [--width]` (the fit), by
+tests/test_plan_accuracy.py (the ±20% check) and tests/test_plan_width.py (the committed 7B-width rows, ±15%). `repo` is a source checkout: the quickstart recipes and the shipped
 texts the tiny tokenizers are trained on live there.
 """
 
@@ -73,6 +73,14 @@ def _embedding_spec(cfg: tuple) -> dict[str, Any]:
             "passage_len": p_len, "num_negatives": negatives, "mini_batch_size": chunk}
 
 
+# build_tiny_llama keywords of the real models' widths (trmlx.plan.config.PRESETS: qwen2.5-7b, llama3-8b); the
+# layer count is the calibration shape's own
+QWEN25_7B_WIDTH = {"vocab_size": 152064, "hidden_size": 3584, "num_heads": 28, "num_kv_heads": 4,
+                   "intermediate_size": 18944, "max_position_embeddings": 2048}
+LLAMA3_8B_WIDTH = {"vocab_size": 128256, "hidden_size": 4096, "num_heads": 32, "num_kv_heads": 8,
+                   "intermediate_size": 14336, "max_position_embeddings": 2048}
+ISOLATED = {"causal-width"}  # sets measured one process per configuration (their models are GBs)
+
 TASKS: dict[str, Calibration] = {
     # trmlx.tiny.llama.build_tiny_llama keywords (defaults: vocab 1024, hidden 64, 2 layers, 4 heads, 2 kv heads,
     # MLP 128: the quickstart model's shape)
@@ -101,6 +109,19 @@ TASKS: dict[str, Calibration] = {
         ("quick", 2, 32, False, 0, 8, 0, 16), ("quick", 2, 16, False, 0, 8, 0, 16),
         ("quick", 4, 64, False, 0, 8, 0, 16), ("mixed", 2, 32, False, 0, 8, 0, 16), ("h256", 2, 32, False, 0, 8, 0, 8),
         ("l8", 2, 32, False, 0, 8, 0, 16), ("cq-tiny", 2, 32, False, 0, 8, 0, 8),
+    ], _build_llama, _causal_spec),
+    # The causal planner at 7B width (issue 14 §3): Qwen2.5-7B's and Llama-3-8B's hidden size, heads, MLP and
+    # vocabulary with 1-2 layers, fp32 and unquantised (MLX's quantised CPU matmul is ~0.3 GFLOP/s). ~5.3 GB of
+    # weights each, so every measurement runs in its own process (WIDTH_ISOLATED) and the batches stay small.
+    "causal-width": Calibration("quickstart.toml", {
+        "qwen7b-1l": {**QWEN25_7B_WIDTH, "num_layers": 1}, "qwen7b-2l": {**QWEN25_7B_WIDTH, "num_layers": 2},
+        "llama3-8b-1l": {**LLAMA3_8B_WIDTH, "num_layers": 1},
+    }, [
+        # 2-5 min each on a shared 2-core CPU. Target rows (half of each row) span one chunk of the chunked loss
+        # (128) to four, where MLX's lazy graph overlaps chunks
+        ("qwen7b-1l", 1, 256, False, 0, 8, 0, 2), ("qwen7b-1l", 2, 256, True, 0, 16, 0, 2),
+        ("llama3-8b-1l", 2, 128, False, 0, 8, 0, 4), ("qwen7b-2l", 1, 256, True, 0, 8, 0, 2),
+        ("qwen7b-1l", 1, 512, False, 0, 8, 0, 1), ("qwen7b-2l", 2, 512, True, 0, 8, 0, 1),
     ], _build_llama, _causal_spec),
     # trmlx.tiny.t5.build_tiny_t5 keywords (defaults: vocab 1024, d_model 64, d_ff 128, 2 layers, 4 heads: the
     # quickstart model)
@@ -150,14 +171,40 @@ def spec_for(task: str, backend: str, model_dir: Path, repo: Path, cfg: tuple) -
     spec = {"backend": backend, "recipe": str(repo / "recipes" / TASKS[task].recipe), "model_dir": str(model_dir),
             "grad_accum": 1, "warmup": 1, "steps": 1, "trials": 1, "total_steps": 4, "seed": 0, "lr_warmup_steps": 0,
             "vocab_size": config["vocab_size"], **TASKS[task].spec(cfg)}
-    if task == "causal" and not spec["lora_layers"]:  # peft.layers = 0: every layer
+    if task_of(task) == "causal" and not spec["lora_layers"]:  # peft.layers = 0: every layer
         spec["lora_layers"] = config["num_hidden_layers"]
     return spec
 
 
+def task_of(name: str) -> str:
+    """The task kind of a calibration set (causal-width is a causal set)."""
+    return name.split("-")[0]
+
+
 def measure_one(task: str, backend: str, model_dir: Path, repo: Path, cfg: tuple) -> dict[str, Any]:
-    """Train and evaluate one configuration through bench's worker; the row the fit and the tests read."""
+    """Train and evaluate one configuration through bench's worker; the row the fit and the tests read. Sets in
+    ISOLATED run the worker in a fresh interpreter (harness.run_worker), so no GBs of a previous model or MLX's
+    buffer cache stay in the process."""
     spec = spec_for(task, backend, model_dir, repo, cfg)
+    if task in ISOLATED:
+        from trmlx.bench.harness import run_worker
+
+        label = f"{cfg[0]}-{backend}-{'-'.join(map(str, cfg[1:]))}"
+        done = model_dir.parent / f"{label}.result.json"  # a run cut short resumes: finished ones are kept
+        raw = json.loads(done.read_text()) if done.is_file() else \
+            run_worker(f"{bench_task(task_of(task)).__name__}:trmlx", spec, model_dir.parent, label)
+        if "error" in raw:
+            raise RuntimeError(raw["error"])
+    else:
+        raw = _in_process(task, backend, spec)
+    return {"task": task, "backend": backend, "config": list(cfg), "spec": spec, "kind": raw["device_kind"],
+            "model_config": json.loads((model_dir / "config.json").read_text()),
+            "train_peak": raw["peak_memory_gb"] * 1e9, "eval_peak": raw["generation"]["peak_memory_gb"] * 1e9,
+            "counter": raw["memory_kind"], "model_bytes": raw["model_memory_gb"] * 1e9,
+            "step_seconds": raw["step_seconds"]}
+
+
+def _in_process(task: str, backend: str, spec: dict[str, Any]) -> dict[str, Any]:
     threads = None
     if backend == "cuda":  # memory, not speed: one thread keeps a busy 2-core machine from stalling torch's pool
         import torch
@@ -165,14 +212,10 @@ def measure_one(task: str, backend: str, model_dir: Path, repo: Path, cfg: tuple
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
     try:
-        raw = bench_task(task).WORKERS["trmlx"](spec)
+        return bench_task(task_of(task)).WORKERS["trmlx"](spec)
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
-    return {"task": task, "backend": backend, "config": list(cfg), "spec": spec, "kind": raw["device_kind"],
-            "model_config": json.loads((model_dir / "config.json").read_text()),
-            "train_peak": raw["peak_memory_gb"] * 1e9, "eval_peak": raw["generation"]["peak_memory_gb"] * 1e9,
-            "counter": raw["memory_kind"]}
 
 
 def build_model(task: str, shape: str, work: Path, repo: Path) -> Path:
@@ -201,6 +244,11 @@ def measure(task: str, backends: list[str], work: Path, repo: Path) -> list[dict
             print(f"{backend:5} {cfg}: train {rows[-1]['train_peak'] / 1e6:8.3f} MB, eval "
                   f"{rows[-1]['eval_peak'] / 1e6:7.3f} MB ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return rows
+
+
+def rerooted(row: dict[str, Any], repo: Path) -> dict[str, Any]:
+    """A committed row with its recipe found in this checkout (rows name the measuring checkout's path)."""
+    return {**row, "spec": {**row["spec"], "recipe": str(repo / "recipes" / Path(row["spec"]["recipe"]).name)}}
 
 
 def plan_of(row: dict[str, Any], coefficients: dict[str, float] | None = None) -> Any:

@@ -30,7 +30,7 @@ def _numbers(values: tuple[str, ...], flag: str) -> list[int]:
 @click.option("--batch-size", multiple=True, help="Micro-batches; several allowed (default: train.batch_size).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per timed step.")
 @click.option("--max-new-tokens", type=int, default=None, help="Eval generation budget (default: the recipe's).")
-@click.option("--model-shape", default=None, metavar="7b|qwen2.5-7b|tiny|CONFIG.json",
+@click.option("--model-shape", default=None, metavar="7b|qwen2.5-7b|llama3-8b|tiny|CONFIG.json",
               help="Bench a random-weight model of this architecture (nothing downloaded).")
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Also run mlx_lm.lora (MLX) and a Trainer + peft + bitsandbytes script (CUDA) where installed.")

@@ -13,7 +13,7 @@ from trmlx.recipe.schema import BACKEND_NAMES
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="mlx", show_default=True)
 @click.option("--budget", default=None, metavar="SIZE",
               help="Memory budget, e.g. 16GB (default: the recipe's train.memory_budget, if any).")
-@click.option("--model-shape", default=None, metavar="7b|qwen2.5-7b|tiny|CONFIG.json",
+@click.option("--model-shape", default=None, metavar="7b|qwen2.5-7b|llama3-8b|tiny|CONFIG.json",
               help="Plan for this architecture instead of model.path's config.json.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu", "metal"]), default="auto", show_default=True,
               help="Where the run would happen (auto: what this machine has for the backend).")
@@ -93,6 +93,8 @@ def _render(r: dict) -> None:
     for term in r["terms"]:
         table.add_row(term["name"], term["phase"], f"{term['gb']:.3f}", term["doc"])
     out.print(table)
+    if s.get("calibration"):  # causal plans: where the measured coefficients come from
+        out.print(s["calibration"])
     out.print(f"training peak {r['train_peak_gb']:.3f} GB, eval-generation peak {r['eval_peak_gb']:.3f} GB, "
               f"+ overhead {r['overhead_gb']:.2f} GB = [bold]predicted peak {r['peak_gb']:.2f} GB[/]")
     if r["budget_gb"] is not None:

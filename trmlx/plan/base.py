@@ -250,7 +250,8 @@ def fit_micro_batch(plan_memory: Planner, recipe: Recipe, backend: str, shape: A
 def nothing_fits(tried: list[Plan], budget: float, smallest_setting: str, advice: str, kept: str = "") -> UserError:
     """The error when no setting fits: what was kept, the smallest plan tried, its largest term, what to change."""
     smallest = min(tried, key=lambda p: p.train_peak)
-    biggest = max((t for t in smallest.terms if t.phase in ("train", "both")), key=lambda t: t.bytes)
+    biggest = max((t for t in smallest.terms if t.phase in ("train", "both") or t.phase.startswith("train:")),
+                  key=lambda t: t.bytes)
     return UserError(f"train.memory_budget: nothing fits {budget / GB:.1f} GB{kept}: the smallest setting "
                      f"({smallest_setting}, grad_checkpoint = {str(smallest.settings['grad_checkpoint']).lower()}) "
                      f"needs {(smallest.train_peak + smallest.overhead) / GB:.2f} GB, most of it {biggest.name} "

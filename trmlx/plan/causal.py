@@ -33,28 +33,38 @@ from trmlx.recipe.schema import Recipe
 # (T = padded positions; zero where attention is fused, as torch's SDPA is on a GPU).
 #   act_*          per layer in the gradient path, kept for the backward pass without checkpointing
 #   ckpt_h         per layer with checkpointing. torch: 1.0 = the layer's input, as non-reentrant checkpointing
-#                  keeps; MLX: ~16·h — mx.checkpoint on MLX 0.32 (CPU) frees far less than a layer's activations
-#   ckpt_layer_*   the one layer live in full while it is recomputed and differentiated
+#                  keeps; MLX: ~15·h — mx.checkpoint on MLX 0.32 (CPU) frees far less than a layer's activations
+#   ckpt_layer_*   the one layer live in full while it is recomputed and differentiated (after the loss's
+#                  temporaries are freed: the plan counts the larger of the two)
 #   logits_fp32    fp32 vocabulary-sized rows per token besides the model-dtype logits (softmax / loss / gradient);
-#                  quant_logits_fp32 more when MLX's head is quantised
+#                  quant_logits_fp32 more when MLX's head is quantised. Unchunked only (train.loss_chunk_size = 0,
+#                  prompt / prefix tuning), which the calibration sets no longer run: kept from the last fit that did
 #   chunk_fp32     with a chunked loss: fp32 copies of one chunk's rows × vocabulary live at once (logits,
-#                  softmax, its gradient and the temporaries between); measured at vocabulary 152,064 by
-#                  `python benchmarks/loss_chunking.py` (MLX 9.9 at chunk 128, 8.8 at 512; torch 3.0 at both).
-#                  single_chunk_fp32: the same when the batch's targets fit one chunk — MLX's lazy graph
-#                  overlaps the temporaries of ~3 successive chunks, a lone chunk has only its own (tiny
-#                  Llamas in `trmlx bench`: 3.5)
+#                  softmax, its gradient and the temporaries between) when more chunks follow; single_chunk_fp32
+#                  when the batch's targets fit one chunk. Measured at 7B width (vocabulary 128,256-152,064): torch
+#                  ~2 alone (logits + logsumexp's temporary), ~3 with a next chunk (the previous chunk's gradient
+#                  is still referenced); MLX ~3.4 alone, ~4.7 with several (the forward-gradient chunks)
 #   prefill_*      eval generation: one layer's forward over the prompt chunk (no gradients)
-# Refit with `python benchmarks/plan_calibration.py` (benchmarks/results/plan_calibration-cpu.json: the data).
+# Refit with `python benchmarks/plan_calibration.py --width`: one fit over the tiny Llamas of
+# benchmarks/results/plan_calibration-cpu.json (hidden 64-256) and the 1-2 layer models of Qwen2.5-7B's and
+# Llama-3-8B's width of benchmarks/results/plan_calibration_width-cpu.json (the data and the errors of both).
 CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
-        "act_h": 0.0, "act_qkv": 4.203, "act_mlp": 7.3, "act_scores": 1.342, "ckpt_h": 16.473, "ckpt_layer_h": 0.0,
-        "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 9.942, "ckpt_layer_scores": 1.571, "logits_fp32": 1.195,
-        "quant_logits_fp32": 0.883, "chunk_fp32": 9.5, "single_chunk_fp32": 3.5, "prefill_h": 5.301, "prefill_mlp": 3.914, "prefill_scores": 1.284},
+        "act_h": 5.24, "act_qkv": 0, "act_mlp": 8.0, "act_scores": 1.616, "ckpt_h": 16.916, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 0, "ckpt_layer_mlp": 13.839, "ckpt_layer_scores": 3.55, "logits_fp32": 1.447,
+        "quant_logits_fp32": 1.657, "chunk_fp32": 4.122, "single_chunk_fp32": 2.523, "prefill_h": 2.695,
+        "prefill_mlp": 4.078, "prefill_scores": 1.63},
     "torch": {
-        "act_h": 5.652, "act_qkv": 0.741, "act_mlp": 4.145, "act_scores": 0.041, "ckpt_h": 0.767,
-        "ckpt_layer_h": 6.644, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 0.223, "ckpt_layer_scores": 0.0,
-        "logits_fp32": 1.844, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "single_chunk_fp32": 3.0, "prefill_h": 3.908, "prefill_mlp": 4.009,
-        "prefill_scores": 0.048},
+        "act_h": 5.199, "act_qkv": 1.05, "act_mlp": 3.919, "act_scores": 0.042, "ckpt_h": 0.953, "ckpt_layer_h": 0,
+        "ckpt_layer_qkv": 3.13, "ckpt_layer_mlp": 6.474, "ckpt_layer_scores": 0.044, "logits_fp32": 2.021,
+        "quant_logits_fp32": 0, "chunk_fp32": 3.222, "single_chunk_fp32": 1.961, "prefill_h": 3.68,
+        "prefill_mlp": 3.979, "prefill_scores": 0.076},
+}
+# Where CALIBRATION was measured: result file -> the hidden sizes of its models (tests/test_plan_width.py checks
+# these against the files). trmlx plan names them, and says whether the planned model's width is among them.
+CALIBRATED_ON: dict[str, tuple[int, ...]] = {
+    "benchmarks/results/plan_calibration-cpu.json": (64, 128, 256),
+    "benchmarks/results/plan_calibration_width-cpu.json": (3584, 4096),
 }
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
               "ckpt_layer_mlp", "ckpt_layer_scores", "logits_fp32", "quant_logits_fp32", "chunk_fp32",
@@ -135,6 +145,16 @@ class ModelShape:
 Shape = ModelShape  # every task module names its shape class Shape (trmlx.plan.tasks reads it)
 
 
+def calibration_note(shape: ModelShape) -> str:
+    """One line for the printed plan: which measurements the coefficients come from, and whether this width is
+    one of them."""
+    files = "; ".join(f"{path} (hidden {', '.join(f'{h:,}' for h in widths)})"
+                      for path, widths in CALIBRATED_ON.items())
+    measured = any(shape.hidden_size in widths for widths in CALIBRATED_ON.values())
+    return (f"coefficients fitted on {files}: hidden {shape.hidden_size:,} is "
+            + ("a measured width" if measured else "not a measured width (the fit carried over)"))
+
+
 def padded_positions(seq_len: int) -> int:
     """Positions a causal batch of seq_len-token rows computes (inputs are one shorter, padded to 8)."""
     return -(-(seq_len - 1) // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -207,12 +227,13 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
         + (0.0 if fused else coef["act_scores"] * shape.num_heads * positions)
     recomputed = coef["ckpt_layer_h"] * h + coef["ckpt_layer_qkv"] * (shape.q_dim + 2 * shape.kv_dim) \
         + coef["ckpt_layer_mlp"] * inter + (0.0 if fused else coef["ckpt_layer_scores"] * shape.num_heads * positions)
-    with_ckpt = tokens * dt * (grad_layers * coef["ckpt_h"] * h + recomputed)
+    kept = tokens * dt * grad_layers * coef["ckpt_h"] * h
+    with_ckpt = kept + tokens * dt * recomputed
     without = tokens * dt * grad_layers * per_layer
-    activations = with_ckpt if ckpt else without
+    activations = kept if ckpt else without
     act_doc = (f"{grad_layers} layers in the gradient path × {tokens:,} tokens × {dt} B × "
-               + (f"{coef['ckpt_h']:g}·h kept per layer + one layer live in full ({recomputed:,.0f} elements per "
-                  f"token); without checkpointing: {without / GB:.3f} GB" if ckpt else
+               + (f"{coef['ckpt_h']:g}·h kept per layer (+ recompute: one layer live in full); without "
+                  f"checkpointing: {without / GB:.3f} GB" if ckpt else
                   f"{per_layer:,.0f} elements per token (h, q/k/v, MLP{'' if fused else ', attention scores'}); "
                   f"with checkpointing: {with_ckpt / GB:.3f} GB"))
     fp32_copies = loss_fp32_copies(coef, recipe, target, h)
@@ -235,24 +256,35 @@ def plan_memory(recipe: Recipe, backend: str, shape: ModelShape, target: Target,
     prefill = prefill_tokens * dt * (coef["prefill_h"] * h + coef["prefill_mlp"] * inter
                                      + (0 if target.fused_attention else
                                         coef["prefill_scores"] * shape.num_heads * min(prompt_len, 512)))
+    prefill_doc = f"eval generation: one layer's forward over batch {eval_batch} × {min(prompt_len, 512)} prompt " \
+                  "positions"
+    if target.backend == "mlx" and shape.num_layers == 1:
+        # MLX's prefill evaluates only the caches, so the last layer's attention and MLP never run: with one layer
+        # that leaves its input, the normed input and K/V (with RoPE'd K) — measured at 7B width
+        prefill = prefill_tokens * dt * (2 * h + 3 * shape.kv_dim)
+        prefill_doc += " (one layer: its K/V projections only)"
     terms = (
         Term("weights", weights, f"frozen base, {shape.parameters() / 1e9:.3f}B parameters: {how}", "both"),
         *parameter_terms(recipe, params, param_bytes, grad_copies, f"{grad_copies} gradient "
                          f"cop{'y' if grad_copies == 1 else 'ies'} of the trainable parameters"),
         Term("activations", activations, act_doc, "train"),
-        Term("logits_loss", logits, logits_doc, "train"),
+        # With checkpointing the loss's temporaries are gone before the backward pass recomputes a layer: the
+        # larger of the two counts, not their sum (measured at 7B width, where both are hundreds of MB).
+        *((Term("recompute", with_ckpt - kept, f"the layer recomputed in the backward pass, live in full: "
+                                               f"{tokens:,} tokens × {recomputed:,.0f} elements × {dt} B",
+                "train:backward"),) if ckpt else ()),
+        Term("logits_loss", logits, logits_doc, "train:loss" if ckpt else "train"),
         Term("kv_cache", kv_cache, f"eval generation: 2 × {shape.num_layers} layers × {shape.kv_dim} × "
                                    f"batch {eval_batch} × {cached} positions (prompt {prompt_len} + "
                                    f"{new_tokens} new) × {dt} B", "eval"),
-        Term("prefill", prefill, f"eval generation: one layer's forward over batch {eval_batch} × "
-                                 f"{min(prompt_len, 512)} prompt positions", "eval"),
+        Term("prefill", prefill, prefill_doc, "eval"),
         overhead_term(target),
     )
     settings = {"backend": backend, "batch_size": batch, "grad_accum": accum, "effective_batch": batch * accum,
                 "grad_checkpoint": ckpt, "seq_len": seq_len, "positions": positions, "eval_batch_size": eval_batch,
                 "prompt_len": prompt_len, "max_new_tokens": new_tokens, "optimizer": recipe.train.optimizer,
                 "quantize_bits": recipe.model.quantize_bits, "peft": recipe.peft.method,
-                "adapted_layers": grad_layers}
+                "adapted_layers": grad_layers, "calibration": calibration_note(shape)}
     return Plan(terms, settings, shape, target, budget)
 
 

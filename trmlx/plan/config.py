@@ -14,7 +14,8 @@ from trmlx.recipe.checks import model_path
 from trmlx.recipe.schema import Recipe
 
 # --model-shape presets. 7b and tiny are benchmarks/cuda_qlora.py's shapes (7b = Llama-2-7B, 6,738,415,616
-# parameters); qwen2.5-7b is recipes/translate_7b.toml's model (Qwen2.5-7B-Instruct).
+# parameters); qwen2.5-7b is recipes/translate_7b.toml's model (Qwen2.5-7B-Instruct); llama3-8b is
+# Meta-Llama-3-8B's config.json (8,030,261,248 parameters).
 PRESETS: dict[str, dict[str, Any]] = {
     "7b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
@@ -22,6 +23,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "num_hidden_layers": 28,
                    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
                    "max_position_embeddings": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "llama3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                  "max_position_embeddings": 8192, "rope_theta": 500000.0, "tie_word_embeddings": False,
+                  "torch_dtype": "bfloat16"},
     "tiny": {"model_type": "llama", "vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 352,
              "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "float32"},
