@@ -160,8 +160,7 @@ def test_the_seq2seq_planner_counts_one_chunk_of_logits(backend):
     """mT5's 250,112-word vocabulary at 8 × 512 target tokens: one chunk's logits plus the target rows' decoder
     states, a fraction of the unchunked term."""
     from trmlx.plan.base import make_target
-    from trmlx.plan.causal import CALIBRATION
-    from trmlx.plan.seq2seq import Seq2SeqShape, plan_memory
+    from trmlx.plan.seq2seq import CALIBRATION, Seq2SeqShape, plan_memory
 
     config = {**json.loads((TINY / "config.json").read_text()), "vocab_size": 250112, "d_model": 256, "d_kv": 64}
 

@@ -25,7 +25,6 @@ from trmlx.loop import chunked_loss
 from trmlx.plan.base import (GB, Plan, Target, Term, apply_batch, batch_settings, bnb_4bit_bytes, fit_micro_batch,
                              kv_positions, loss_fp32_copies, mlx_quantised_bytes, overhead_term, padded,
                              parameter_terms)
-from trmlx.plan.causal import CALIBRATION as CAUSAL_CALIBRATION
 from trmlx.recipe.schema import Recipe
 
 # Elements of the activation dtype per token (fp32 CPU runs; bytes scale with the dtype). Per sublayer input: h
@@ -40,17 +39,20 @@ CALIBRATION: dict[str, dict[str, float]] = {
     "mlx": {
         "act_h": 5.531, "act_qkv": 0.0, "act_mlp": 4.674, "act_scores": 0.401, "mask_scores": 3.759,
         "ckpt_h": 18.816, "ckpt_layer_h": 0.0, "ckpt_layer_qkv": 0.0, "ckpt_layer_mlp": 4.118,
-        "ckpt_layer_scores": 0.0, "logits_fp32": 3.0, "quant_logits_fp32": 3.301, "prefill_h": 14.17,
-        "prefill_mlp": 5.845, "prefill_scores": 1.996},
+        "ckpt_layer_scores": 0.0, "logits_fp32": 3.0, "quant_logits_fp32": 3.301, "chunk_fp32": 6.8,
+        "single_chunk_fp32": 2.0, "prefill_h": 14.17, "prefill_mlp": 5.845, "prefill_scores": 1.996},
     "torch": {
         "act_h": 4.036, "act_qkv": 0.0, "act_mlp": 3.497, "act_scores": 0.0, "mask_scores": 1.402, "ckpt_h": 0.576,
         "ckpt_layer_h": 0.0, "ckpt_layer_qkv": 0.688, "ckpt_layer_mlp": 1.001, "ckpt_layer_scores": 0.05,
-        "logits_fp32": 1.99, "quant_logits_fp32": 0.0, "prefill_h": 4.662, "prefill_mlp": 3.926,
-        "prefill_scores": 0.093},
+        "logits_fp32": 1.99, "quant_logits_fp32": 0.0, "chunk_fp32": 3.0, "single_chunk_fp32": 2.0,
+        "prefill_h": 4.662, "prefill_mlp": 3.926, "prefill_scores": 0.093},
 }
 # Not fitted: logits_fp32 and quant_logits_fp32 count only with train.loss_chunk_size = 0, and the calibration runs
 # chunked (the default); logits_fp32 is measured at mT5's vocabulary by `python benchmarks/loss_chunking.py --task
-# seq2seq` (unchunked rows: 3.0 fp32 copies on MLX, 1.99 on torch, at 128 and 512 target tokens alike).
+# seq2seq` (unchunked rows: 3.0 fp32 copies on MLX, 1.99 on torch, at 128 and 512 target tokens alike). So are
+# chunk_fp32 / single_chunk_fp32 (fp32 copies of one chunk's rows × vocabulary at once, with more chunks to come /
+# alone): MLX 5.9-6.8 at 4-8 chunks, 2.0 alone; torch 3.0 and 2.0 (the same code as causal LMs, whose fit at 7B
+# width has MLX ~4.1: MLX's lazy graph overlaps more of a T5's chunks, measured).
 TRAIN_KEYS = ("act_h", "act_qkv", "act_mlp", "act_scores", "mask_scores", "ckpt_h", "ckpt_layer_h", "ckpt_layer_qkv",
               "ckpt_layer_mlp", "ckpt_layer_scores")
 EVAL_KEYS = ("prefill_h", "prefill_mlp", "prefill_scores")
@@ -241,9 +243,8 @@ def plan_memory(recipe: Recipe, backend: str, shape: Seq2SeqShape, target: Targe
     chunk = recipe.train.loss_chunk_size if chunked_loss(shape.model_type, recipe.peft.method) else 0
     if chunk:  # the head over target rows only, one chunk at a time (backends/*/loss.py, as causal LMs)
         rows = min(chunk, -(-tgt_tokens // 64) * 64)
-        # copies per chunk row: the causal fit's (the same chunked head and cross-entropy code)
-        causal = CAUSAL_CALIBRATION[target.family]
-        copies = causal["chunk_fp32"] if tgt_tokens > rows else causal["single_chunk_fp32"]
+        measured = CALIBRATION[target.family]  # not fitted (see CALIBRATION): measured at mT5's vocabulary
+        copies = measured["chunk_fp32"] if tgt_tokens > rows else measured["single_chunk_fp32"]
         logits = rows * vocab * 4 * copies + 2 * tgt_tokens * d * dt
         logits_doc = (f"chunked (train.loss_chunk_size = {chunk}): {rows:,} target rows × vocabulary {vocab:,} × "
                       f"{copies:g} fp32 copies at a time, + the {tgt_tokens:,} target rows' decoder states and their "
