@@ -33,6 +33,29 @@ def quickstart(backend: str, overrides: tuple[str, ...] = ()):
     return loaded, batch
 
 
+def randomised_trainable(model) -> list:
+    """The (name, parameter) pairs a torch model trains, set to N(0, 0.05) (LoRA's B starts at zero, and so would
+    A's gradient)."""
+    import torch
+
+    torch.manual_seed(1)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for _, p in trainable:
+            p.normal_(0, 0.05)
+    return trainable
+
+
+def torch_loss_and_gradients(model, arrays: dict, trainable: list) -> tuple[float, float, dict[str, np.ndarray]]:
+    """The CUDA backend's training loss on one batch, its target count and the trainable parameters' gradients."""
+    from trmlx.backends.cuda.train import to_torch, token_loss
+
+    model.zero_grad()
+    loss, count = token_loss(model, to_torch(arrays))
+    loss.backward()
+    return loss.item(), count.item(), {n: p.grad.numpy().copy() for n, p in trainable}
+
+
 def test_with_loss_rows_keeps_exactly_the_target_positions():
     mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=np.float32)
     batch = with_loss_rows({"mask": mask}, 4)
@@ -70,25 +93,12 @@ def test_mlx_chunked_loss_and_gradients_equal_the_unchunked(bits):
 
 def test_torch_chunked_loss_and_gradients_equal_the_unchunked():
     pytest.importorskip("peft")
-    import torch
-
-    from trmlx.backends.cuda.train import to_torch, token_loss
-
     loaded, batch = quickstart("cuda")
     model = loaded.model
     assert loaded.handle["loss_chunk"] == CHUNK
-    torch.manual_seed(1)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        for _, p in trainable:
-            p.normal_(0, 0.05)
-    results = []
-    for arrays in (batch, with_loss_rows(batch, CHUNK)):
-        model.zero_grad()
-        loss, count = token_loss(model, to_torch(arrays))
-        loss.backward()
-        results.append((loss.item(), count.item(), {n: p.grad.numpy().copy() for n, p in trainable}))
-    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = results
+    trainable = randomised_trainable(model)
+    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = (
+        torch_loss_and_gradients(model, arrays, trainable) for arrays in (batch, with_loss_rows(batch, CHUNK)))
     assert count == chunked_count and abs(chunked / full - 1) < 1e-5
     for name, grad in full_grads.items():
         assert relative(chunked_grads[name], grad) < 1e-5, name
@@ -123,7 +133,6 @@ def test_on_a_gpu_with_liger_installed_padding_rows_become_its_ignored_targets(m
     import torch
 
     import trmlx.backends.cuda.loss as cuda_loss
-    from trmlx.backends.cuda.train import to_torch, token_loss
 
     def liger_semantics(input, weight, target, bias=None, ignore_index=-100, reduction="mean"):
         return torch.nn.functional.cross_entropy(torch.nn.functional.linear(input, weight, bias).float(), target,
@@ -134,19 +143,12 @@ def test_on_a_gpu_with_liger_installed_padding_rows_become_its_ignored_targets(m
     loaded, batch = quickstart("cuda")
     model, arrays = loaded.model, with_loss_rows(batch, CHUNK)
     assert (arrays["loss_weights"] == 0).any()  # the last chunk is padded
-    torch.manual_seed(1)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        for _, p in trainable:
-            p.normal_(0, 0.05)
+    trainable = randomised_trainable(model)
     results = []
     for fused in (None, liger_semantics):
         monkeypatch.setattr(cuda_loss, "liger_loss", lambda hidden, f=fused: f)
-        model.zero_grad()
-        loss, _ = token_loss(model, to_torch(arrays))
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.numpy().copy() for n, p in trainable}))
-    (ours, our_grads), (liger, liger_grads) = results
+        results.append(torch_loss_and_gradients(model, arrays, trainable))
+    (ours, _, our_grads), (liger, _, liger_grads) = results
     assert abs(liger / ours - 1) < 1e-6
     for name, grad in our_grads.items():
         assert relative(liger_grads[name], grad) < 1e-5, name

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import signal
 
 import pytest
 
-from tests.test_damaged_runs import BACKENDS, records
+from tests.test_damaged_runs import BACKENDS, _sigint_in_update, records
 from trmlx import run as runner
 from trmlx.embedding.batches import UniqueBatchCursor
 from trmlx.errors import TrainingInterrupted
@@ -107,27 +105,6 @@ def _in_validation(nth):
         monkeypatch.setattr(module, "validation_loss", validation_loss)
 
     return inject
-
-
-def _sigint_in_update(monkeypatch, backend):
-    """A real SIGINT while the optimizer applies step 3's update: the update and the step count land together."""
-    if backend == "mlx":
-        import mlx.optimizers as optim
-
-        cls, name = optim.Optimizer, "update"
-    else:
-        import torch
-
-        cls, name = torch.optim.AdamW, "step"
-    original, calls = getattr(cls, name), [0]
-
-    def update(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, name, update)
 
 
 def _at_report(step, kind):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_chunked_loss import randomised_trainable, relative, torch_loss_and_gradients
 from trmlx.backend import get_backend
 from trmlx.data import prepare_data
 from trmlx.data.examples import collate, tokenize, with_loss_rows
@@ -21,10 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "seq2seq_quickstart.toml"
 TINY = REPO / "recipes" / "models" / "tiny-mt5-tr"
 CHUNK = 24  # not a divisor of the batch's target-token count: the last chunk is padded
-
-
-def relative(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -91,25 +88,12 @@ def test_mlx_t5_chunked_loss_and_gradients_equal_the_unchunked(models, variant, 
 @pytest.mark.parametrize("variant,method", CASES)
 def test_torch_t5_chunked_loss_and_gradients_equal_the_unchunked(models, variant, method):
     pytest.importorskip("peft")
-    import torch
-
-    from trmlx.backends.cuda.train import to_torch, token_loss
-
     loaded, batch = seq2seq("cuda", models[variant], method)
     model = loaded.model
     assert loaded.handle["loss_chunk"] == CHUNK
-    torch.manual_seed(1)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        for _, p in trainable:
-            p.normal_(0, 0.05)
-    results = []
-    for arrays in (batch, with_loss_rows(batch, CHUNK)):
-        model.zero_grad()
-        loss, count = token_loss(model, to_torch(arrays))
-        loss.backward()
-        results.append((loss.item(), count.item(), {n: p.grad.numpy().copy() for n, p in trainable}))
-    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = results
+    trainable = randomised_trainable(model)
+    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = (
+        torch_loss_and_gradients(model, arrays, trainable) for arrays in (batch, with_loss_rows(batch, CHUNK)))
     assert count == chunked_count and abs(chunked / full - 1) < 1e-5
     assert full_grads
     for name, grad in full_grads.items():

@@ -35,6 +35,7 @@ from trmlx.schedule import learning_rate
 
 from trmlx.backends.cuda.device import cpu_math, describe_device, memory
 from trmlx.backends.cuda.model import enable_checkpointing, wrap_lora
+from trmlx.backends.cuda.train import apply_update
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -256,14 +257,7 @@ def train_loop(model: TorchEmbedder, recipe: Recipe, train_set: Sequence[Embeddi
             if not math.isfinite(loss_sum):
                 raise diverged(loss_sum, step, cfg.lr, last_checkpoint)
             with interrupts_deferred():  # the update and the position that counts it: both or neither
-                scaler.unscale_(optimizer)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                apply_update(optimizer, scaler, params, cfg.grad_clip, lr)
                 window.add(loss_sum, total, tokens)
                 position.pending = due_records(schedule, step, bool(valid_set))
                 position.step = step

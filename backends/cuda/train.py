@@ -96,6 +96,20 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.op
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=1e-8, betas=(0.9, 0.999))
 
 
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float,
+                 lr: float) -> None:
+    """One optimizer step of either CUDA loop: unscale (fp16), clip the global norm, set the step's rate, step,
+    update the loss scale, clear the gradients."""
+    scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example], valid_set: Sequence[Example],
                run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
@@ -154,14 +168,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
             if not math.isfinite(loss_sum):
                 raise diverged(loss_sum, step, cfg.lr, last_checkpoint)
             with interrupts_deferred():  # the update and the position that counts it: both or neither
-                scaler.unscale_(optimizer)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                apply_update(optimizer, scaler, params, cfg.grad_clip, lr)
                 window.add(loss_sum, token_sum)
                 position.pending = due_records(schedule, step, bool(valid_set))
                 position.step = step
