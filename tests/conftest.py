@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+
+
+# Each pytest-xdist worker gets its share of the cores, before torch, OpenBLAS or a subprocess starts a thread pool:
+# left at a thread per core each, two workers (and the CLI runs they start) on 2 cores spend more time contending
+# than computing (`pytest -q -n 2` here: 276 s, and 161 s with this). A value the caller set is kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // _WORKERS)))
 
 if importlib.util.find_spec("mlx") is not None:  # before any test module imports mlx: the backend picks the BLAS
     import trmlx.backends.mlx.device  # noqa: F401
