@@ -116,24 +116,28 @@ def _in_validation(nth):
 
 def _sigint_in_update(monkeypatch, backend):
     """A real SIGINT delivered while the optimizer applies step 3's update: the update and the step count must
-    land together (the signal waits for the end of the update)."""
+    land together (the signal waits for the end of the update). MLX's update is one compiled function (traced
+    once), so the signal is sent from its third call."""
     if backend == "mlx":
-        import mlx.optimizers as optim
+        import trmlx.backends.mlx.train as mlx_train
 
-        cls, name = optim.Optimizer, "update"
+        def compiled_update(*args, **kwargs):
+            apply = plain(*args, **kwargs)
+            return lambda *a, **k: (signal_at_third_call(), apply(*a, **k))[1]
+
+        plain, calls = mlx_train.compiled_update, [0]
+        monkeypatch.setattr(mlx_train, "compiled_update", compiled_update)
     else:
         import torch
 
-        cls, name = torch.optim.AdamW, "step"
-    original, calls = getattr(cls, name), [0]
+        original, calls = torch.optim.AdamW.step, [0]
+        monkeypatch.setattr(torch.optim.AdamW, "step",
+                            lambda self, *a, **k: (signal_at_third_call(), original(self, *a, **k))[1])
 
-    def update(self, *args, **kwargs):
+    def signal_at_third_call() -> None:
         calls[0] += 1
         if calls[0] == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, name, update)
 
 
 def _at_report(step):
