@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ def _cores() -> int:
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // _WORKERS)))
+
+# The Ctrl-C tests need Python's own SIGINT handler, also when the suite runs as a background job (`cmd &` in a
+# script), whose processes start with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if importlib.util.find_spec("mlx") is not None:  # before any test module imports mlx: the backend picks the BLAS
     import trmlx.backends.mlx.device  # noqa: F401

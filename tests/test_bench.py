@@ -37,6 +37,7 @@ def test_bench_both_backends_with_peers(cli, tmp_path, monkeypatch):
         assert ours["peak_memory_gb"] > 0 and ours["mfu"]["median"] > 0
         assert ours["generation"]["tokens_per_second"]["median"] > 0
         assert ours["setup"]["trainable_parameters"] == theirs["setup"]["trainable_parameters"]  # the same LoRA
+        assert ours["setup"]["loss"] == "chunked, 128 target rows at a time"  # the default; no liger on a CPU
         assert config["ratios"]["speed"] > 0 and config["ratios"]["memory"] > 0
         assert abs(config["plan"]["train_error_pct"]) <= 20 and abs(config["plan"]["eval_error_pct"]) <= 20
 

@@ -189,6 +189,19 @@ def test_interrupts_deferred_holds_a_sigint_until_the_block_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_sigint_stays_ignored_inside_the_deferred_block():
+    """A run started with SIGINT ignored (nohup, a shell's background job) is not made interruptible by it."""
+    from trmlx.loop import interrupts_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------- damaged checkpoints, pointers, adapters
 
 mlx_only = pytest.mark.skipif(not _available("mlx"), reason="needs the mlx backend")

@@ -124,8 +124,9 @@ class ReportWindow:
 def interrupts_deferred() -> Iterator[None]:
     """Ctrl-C waits until the block ends, then raises: an optimizer update and the position that counts it land
     together, never one without the other (which would make a resume repeat or skip a step)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals are only delivered to the main thread
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # signals reach only the main thread; an ignored SIGINT (nohup, a background job) stays ignored
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))

@@ -95,7 +95,7 @@ def worker_trmlx(spec: dict[str, Any], examples: list | None = None) -> dict[str
                       "optimizer": recipe.train.optimizer, "quantize_bits": recipe.model.quantize_bits,
                       "lora": {"rank": recipe.peft.rank, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
                                "targets": recipe.peft.targets, "layers": recipe.peft.layers},
-                      "trainable_parameters": trainable}}
+                      "trainable_parameters": trainable, "loss": loss_layer(loaded, spec["backend"])}}
 
 
 def worker_mlx_lm(spec: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +206,23 @@ def _positions(seq_len: int) -> int:
     from trmlx.plan.causal import padded_positions
 
     return padded_positions(seq_len)
+
+
+def loss_layer(loaded: Any, backend: str) -> str:
+    """Which loss layer the timed steps ran, for the record: liger-kernel's fused linear cross-entropy (CUDA, where
+    installed), trmlx's chunked one, or the full logits."""
+    chunk = loaded.handle.get("loss_chunk", 0)
+    if not chunk:
+        return "unchunked logits"
+    if backend == "cuda":
+        import torch
+
+        from trmlx.backends.cuda.loss import liger_loss
+        from trmlx.backends.cuda.model import device
+
+        if liger_loss(torch.empty(0, device=device())) is not None:
+            return "liger-kernel fused linear cross-entropy"
+    return f"chunked, {chunk} target rows at a time"
 
 
 def _trainable_parameters(model: Any, backend: str) -> int:
