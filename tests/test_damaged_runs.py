@@ -116,28 +116,28 @@ def _in_validation(nth):
 
 def _sigint_in_update(monkeypatch, backend):
     """A real SIGINT delivered while the optimizer applies step 3's update: the update and the step count must
-    land together (the signal waits for the end of the update). MLX's update is one compiled function (traced
-    once), so the signal is sent from its third call."""
+    land together (the signal waits for the end of the update). MLX's update is one compiled function (its Python
+    body runs once, at tracing), so the signal is sent from that function's third call."""
+    calls = [0]
+
+    def signalled(apply):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return apply(*args, **kwargs)
+
+        return call
+
     if backend == "mlx":
         import trmlx.backends.mlx.train as mlx_train
 
-        def compiled_update(*args, **kwargs):
-            apply = plain(*args, **kwargs)
-            return lambda *a, **k: (signal_at_third_call(), apply(*a, **k))[1]
-
-        plain, calls = mlx_train.compiled_update, [0]
-        monkeypatch.setattr(mlx_train, "compiled_update", compiled_update)
+        plain = mlx_train.compiled_update
+        monkeypatch.setattr(mlx_train, "compiled_update", lambda *args: signalled(plain(*args)))
     else:
         import torch
 
-        original, calls = torch.optim.AdamW.step, [0]
-        monkeypatch.setattr(torch.optim.AdamW, "step",
-                            lambda self, *a, **k: (signal_at_third_call(), original(self, *a, **k))[1])
-
-    def signal_at_third_call() -> None:
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+        monkeypatch.setattr(torch.optim.AdamW, "step", signalled(torch.optim.AdamW.step))
 
 
 def _at_report(step):
