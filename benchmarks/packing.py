@@ -22,8 +22,10 @@ process's peak RSS for the torch systems (no allocator counter on a CPU; it incl
 libraries, alike for both).
 
     python benchmarks/packing.py [--trials 2] [--systems mlx-bucketed,mlx-packed,...] [--out benchmarks/results]
+    python benchmarks/packing.py --hidden 512   # the same at another width: a random 2-layer Llama, heads of 64
 
-Prints a table, then one JSON line; writes OUT/packing-<device>.json and .png. About 10 minutes here.
+Prints a table, then one JSON line; writes OUT/packing-<device>.json and .png (packing-h<N>-<device> with
+--hidden N). About 3 minutes here idle; 7 with --hidden 512.
 
 What to expect on a CPU: a packed row attends over its whole width (block-diagonal masks are dense T × T), so where
 attention dominates the step — a 200K-parameter model with 512-position rows, and MLX's CPU attention kernel in
@@ -211,12 +213,24 @@ def child(system: str, data_file: Path, workdir: Path) -> dict[str, Any]:
 def run_child(system: str, data_file: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"trmlx-packing-{system}-") as tmp:
         proc = subprocess.run([sys.executable, __file__, "--child", system, "--data-file", str(data_file),
-                               "--workdir", tmp], capture_output=True, text=True, cwd=REPO)
+                               "--workdir", tmp, "--model-dir", str(MODEL)], capture_output=True, text=True,
+                              cwd=REPO)
     if proc.returncode:
         raise SystemExit(f"{system} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["tokens_per_second"] = result["target_tokens"] / result["seconds"]
     return result
+
+
+def wide_model(out: Path, hidden: int) -> Path:
+    """tiny-llama-tr's architecture (2 layers, grouped KV heads, a tokenizer of 1,024 trained on the shipped pairs)
+    at another width, random weights."""
+    from trmlx.tiny.llama import build_tiny_llama, shipped_texts
+
+    heads = max(1, hidden // 64)
+    return build_tiny_llama(out, shipped_texts(REPO / "recipes" / "data" / "en_tr"), hidden_size=hidden,
+                            num_heads=heads, num_kv_heads=max(1, heads // 2), intermediate_size=2 * hidden,
+                            max_position_embeddings=MAX_LENGTH)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -244,10 +258,16 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="a random 2-layer Llama of this width (heads of 64) instead of tiny-llama-tr's 64: "
+                             "where attention's share of a step shrinks, packing's saved padding shows")
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model_dir or MODEL
     if args.child:
         print(json.dumps(child(args.child, args.data_file, args.workdir)))
         return
@@ -260,6 +280,8 @@ def main() -> None:
 
     raw: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="trmlx-packing-data-") as tmp:
+        if args.hidden:
+            MODEL = wide_model(Path(tmp) / f"llama-h{args.hidden}", args.hidden)
         data_file = Path(tmp) / "skewed.jsonl"
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skewed_rows()), "utf-8")
         for system in systems:  # untimed: MLX's CPU backend JIT-compiles kernels and caches them on disk
@@ -289,12 +311,14 @@ def main() -> None:
                            ("cuda-packed", "hf"), ("cuda-bucketed", "hf"), ("cuda-packed", "cuda-bucketed"))
               if a in summary and b in summary}
     device = describe_device()
+    model_name = (f"random 2-layer Llama, hidden {args.hidden}, {args.hidden // 64} heads of 64, vocabulary 1024"
+                  if args.hidden else str(MODEL.relative_to(REPO)))
     result = {"benchmark": "packing", "data": "recipes/data/en_tr train, every 4th row 4-8 pairs joined; "
-              f"max_length {MAX_LENGTH}", "model": str(MODEL.relative_to(REPO)), "trials": args.trials,
+              f"max_length {MAX_LENGTH}", "model": model_name, "trials": args.trials,
               "settings": {"batch": BATCH, "lr": LR, "rank": RANK, "alpha": ALPHA, "epochs": 1},
               "systems": summary, "ratios": ratios, "loadavg_1min_at_end": os.getloadavg()[0], "device": device}
     slug = "".join(c if c.isalnum() else "-" for c in str(device.get("name", "unknown")).lower()).strip("-")
-    path = args.out / f"packing-{slug}.json"
+    path = args.out / (f"packing-h{args.hidden}-{slug}.json" if args.hidden else f"packing-{slug}.json")
     atomic_write(path, json.dumps({**result, "raw": raw, "environment": environment_record(backend="mlx",
                                                                                           device=device)},
                                   indent=2, ensure_ascii=False) + "\n")
