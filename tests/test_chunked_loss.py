@@ -56,6 +56,33 @@ def torch_loss_and_gradients(model, arrays: dict, trainable: list) -> tuple[floa
     return loss.item(), count.item(), {n: p.grad.numpy().copy() for n, p in trainable}
 
 
+def mlx_loss_and_gradients(model, arrays: dict) -> tuple[float, float, dict[str, np.ndarray]]:
+    """The MLX backend's training loss on one batch, its target count and the trainable parameters' gradients."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from trmlx.backends.mlx.train import to_mx, token_loss
+
+    model.train()
+    (loss, count), grads = nn.value_and_grad(model, token_loss)(model, to_mx(arrays))
+    return float(loss), float(count), {n: np.array(g) for n, g in tree_flatten(grads)}
+
+
+def unchunked_and_chunked(backend: str, model, batch: dict) -> list[tuple[float, float, dict[str, np.ndarray]]]:
+    """(loss, target count, gradients) of one batch unchunked, then chunked CHUNK rows at a time, with the trainable
+    parameters randomised first (LoRA's B starts at zero, and so would A's gradient)."""
+    both = (batch, with_loss_rows(batch, CHUNK))
+    if backend == "mlx":
+        import mlx.core as mx
+        from mlx.utils import tree_map
+
+        mx.random.seed(1)
+        model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
+        return [mlx_loss_and_gradients(model, arrays) for arrays in both]
+    trainable = randomised_trainable(model)
+    return [torch_loss_and_gradients(model, arrays, trainable) for arrays in both]
+
+
 def test_with_loss_rows_keeps_exactly_the_target_positions():
     mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=np.float32)
     batch = with_loss_rows({"mask": mask}, 4)
@@ -68,37 +95,23 @@ def test_with_loss_rows_keeps_exactly_the_target_positions():
 @pytest.mark.parametrize("bits", [0, 4])
 def test_mlx_chunked_loss_and_gradients_equal_the_unchunked(bits):
     pytest.importorskip("mlx.core")
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
-
-    from trmlx.backends.mlx.train import to_mx, token_loss
-
     loaded, batch = quickstart("mlx", (f"model.quantize_bits={bits}",))
-    model = loaded.model
     assert loaded.handle["loss_chunk"] == CHUNK
-    mx.random.seed(1)  # B starts at zero (so would A's gradient): give it values
-    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
-    model.train()
-    grad_fn = nn.value_and_grad(model, token_loss)
-    (full, count), full_grads = grad_fn(model, to_mx(batch))
-    (chunked, chunked_count), chunked_grads = grad_fn(model, to_mx(with_loss_rows(batch, CHUNK)))
-    assert float(count) == float(chunked_count) == batch["mask"].sum()
-    assert abs(float(chunked) / float(full) - 1) < 1e-5
-    full_flat, chunked_flat = dict(tree_flatten(full_grads)), dict(tree_flatten(chunked_grads))
-    assert full_flat.keys() == chunked_flat.keys()
-    for name, grad in full_flat.items():
-        assert relative(np.array(chunked_flat[name]), np.array(grad)) < 1e-5, name
+    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = unchunked_and_chunked("mlx", loaded.model,
+                                                                                                 batch)
+    assert count == chunked_count == batch["mask"].sum()
+    assert abs(chunked / full - 1) < 1e-5
+    assert full_grads.keys() == chunked_grads.keys()
+    for name, grad in full_grads.items():
+        assert relative(chunked_grads[name], grad) < 1e-5, name
 
 
 def test_torch_chunked_loss_and_gradients_equal_the_unchunked():
     pytest.importorskip("peft")
     loaded, batch = quickstart("cuda")
-    model = loaded.model
     assert loaded.handle["loss_chunk"] == CHUNK
-    trainable = randomised_trainable(model)
-    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = (
-        torch_loss_and_gradients(model, arrays, trainable) for arrays in (batch, with_loss_rows(batch, CHUNK)))
+    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = unchunked_and_chunked("cuda", loaded.model,
+                                                                                                 batch)
     assert count == chunked_count and abs(chunked / full - 1) < 1e-5
     for name, grad in full_grads.items():
         assert relative(chunked_grads[name], grad) < 1e-5, name

@@ -9,10 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.test_chunked_loss import randomised_trainable, relative, torch_loss_and_gradients
+from tests.test_chunked_loss import CHUNK, relative, unchunked_and_chunked
 from trmlx.backend import get_backend
 from trmlx.data import prepare_data
 from trmlx.data.examples import collate, tokenize, with_loss_rows
@@ -21,7 +20,6 @@ from trmlx.recipe import load_recipe
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "seq2seq_quickstart.toml"
 TINY = REPO / "recipes" / "models" / "tiny-mt5-tr"
-CHUNK = 24  # not a divisor of the batch's target-token count: the last chunk is padded
 
 
 @pytest.fixture(scope="module")
@@ -56,48 +54,21 @@ def seq2seq(backend: str, model: Path, method: str = "lora"):
 CASES = [("untied", "lora"), ("tied", "lora"), ("untied", "prompt")]
 
 
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
 @pytest.mark.parametrize("variant,method", CASES)
-def test_mlx_t5_chunked_loss_and_gradients_equal_the_unchunked(models, variant, method):
-    pytest.importorskip("mlx.core")
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
-
-    from trmlx.backends.mlx.train import to_mx, token_loss
-
-    loaded, batch = seq2seq("mlx", models[variant], method)
+def test_t5_chunked_loss_and_gradients_equal_the_unchunked(models, variant, method, backend):
+    pytest.importorskip("mlx.core" if backend == "mlx" else "peft")
+    loaded, batch = seq2seq(backend, models[variant], method)
     model = loaded.model
     assert loaded.handle["loss_chunk"] == CHUNK
-    assert ("lm_head" in getattr(model, "base", model)) == (variant == "untied")
-    mx.random.seed(1)  # LoRA's B starts at zero (so would A's gradient): give it values
-    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
-    model.train()
-    grad_fn = nn.value_and_grad(model, token_loss)
-    (full, count), full_grads = grad_fn(model, to_mx(batch))
-    (chunked, chunked_count), chunked_grads = grad_fn(model, to_mx(with_loss_rows(batch, CHUNK)))
-    assert float(count) == float(chunked_count) == batch["mask"].sum()
-    assert abs(float(chunked) / float(full) - 1) < 1e-5
-    full_flat, chunked_flat = dict(tree_flatten(full_grads)), dict(tree_flatten(chunked_grads))
-    assert full_flat.keys() == chunked_flat.keys() and full_flat
-    for name, grad in full_flat.items():
-        if method == "prompt":  # peft's rows n..2n-1 (the decoder's half) get exactly zero gradient
-            grad, chunked_flat[name] = grad[:4], chunked_flat[name][:4]
-        assert relative(np.array(chunked_flat[name]), np.array(grad)) < 1e-5, name
-
-
-@pytest.mark.parametrize("variant,method", CASES)
-def test_torch_t5_chunked_loss_and_gradients_equal_the_unchunked(models, variant, method):
-    pytest.importorskip("peft")
-    loaded, batch = seq2seq("cuda", models[variant], method)
-    model = loaded.model
-    assert loaded.handle["loss_chunk"] == CHUNK
-    trainable = randomised_trainable(model)
-    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = (
-        torch_loss_and_gradients(model, arrays, trainable) for arrays in (batch, with_loss_rows(batch, CHUNK)))
-    assert count == chunked_count and abs(chunked / full - 1) < 1e-5
-    assert full_grads
+    if backend == "mlx":
+        assert ("lm_head" in getattr(model, "base", model)) == (variant == "untied")
+    (full, count, full_grads), (chunked, chunked_count, chunked_grads) = unchunked_and_chunked(backend, model, batch)
+    assert count == chunked_count == batch["mask"].sum()
+    assert abs(chunked / full - 1) < 1e-5
+    assert full_grads.keys() == chunked_grads.keys() and full_grads
     for name, grad in full_grads.items():
-        if method == "prompt":
+        if method == "prompt":  # peft's rows n..2n-1 (the decoder's half) get exactly zero gradient
             grad, chunked_grads[name] = grad[:4], chunked_grads[name][:4]
         assert relative(chunked_grads[name], grad) < 1e-5, name
 
