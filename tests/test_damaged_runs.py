@@ -70,19 +70,26 @@ def train_module(backend):
 
 # ------------------------------------------------------------------------------- interrupts, injected exactly
 
+def interrupt_at_call(monkeypatch, owner, name: str, nth: int, after: bool = False) -> None:
+    """Patch owner.name so that its nth call raises KeyboardInterrupt: before it runs, or once it has returned."""
+    original, calls = getattr(owner, name), [0]
+
+    def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth and not after:
+            raise KeyboardInterrupt
+        result = original(*args, **kwargs)
+        if calls[0] == nth:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, call)
+
+
 def _mid_step(monkeypatch, backend):
     """Ctrl-C after step 4 consumed its first micro-batch and drew its second: the rewind must give both back, and
     the checkpoint (step 3) must carry step 3's loss, which the report at step 4 averages."""
-    calls, original = [0], BatchCursor.next
-
-    def next_batch(self):
-        batch = original(self)
-        calls[0] += 1
-        if calls[0] == 8:
-            raise KeyboardInterrupt
-        return batch
-
-    monkeypatch.setattr(BatchCursor, "next", next_batch)
+    interrupt_at_call(monkeypatch, BatchCursor, "next", 8, after=True)
 
 
 def _after_checkpoint(monkeypatch, backend):
@@ -99,19 +106,7 @@ def _after_checkpoint(monkeypatch, backend):
 
 
 def _in_validation(nth):
-    def inject(monkeypatch, backend):
-        module, calls = train_module(backend), [0]
-        original = module.evaluate_loss
-
-        def evaluate_loss(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == nth:
-                raise KeyboardInterrupt
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, "evaluate_loss", evaluate_loss)
-
-    return inject
+    return lambda monkeypatch, backend: interrupt_at_call(monkeypatch, train_module(backend), "evaluate_loss", nth)
 
 
 def _sigint_in_update(monkeypatch, backend):
@@ -140,9 +135,9 @@ def _sigint_in_update(monkeypatch, backend):
         monkeypatch.setattr(torch.optim.AdamW, "step", signalled(torch.optim.AdamW.step))
 
 
-def _at_report(step):
+def _at_report(step, kind="train"):
     def on_report(report, steps):
-        if report.step == step and report.kind == "train":
+        if report.step == step and report.kind == kind:
             raise KeyboardInterrupt
     return on_report
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.test_damaged_runs import BACKENDS, _sigint_in_update, records
+from tests.test_damaged_runs import BACKENDS, _at_report, _sigint_in_update, interrupt_at_call, records
 from trmlx import run as runner
 from trmlx.embedding.batches import UniqueBatchCursor
 from trmlx.errors import TrainingInterrupted
@@ -79,39 +79,15 @@ def straight(tmp_path_factory, recipe):
 def _mid_step(monkeypatch, backend):
     """Ctrl-C after step 4 drew both its micro-batches: the rewind gives them back, and the checkpoint (step 3)
     carries step 3's loss, which the report at step 4 averages."""
-    calls, original = [0], UniqueBatchCursor.next
-
-    def next_batch(self):
-        batch = original(self)
-        calls[0] += 1
-        if calls[0] == 8:
-            raise KeyboardInterrupt
-        return batch
-
-    monkeypatch.setattr(UniqueBatchCursor, "next", next_batch)
+    interrupt_at_call(monkeypatch, UniqueBatchCursor, "next", 8, after=True)
 
 
 def _in_validation(nth):
     def inject(monkeypatch, backend):
-        module, calls = importlib.import_module(f"trmlx.backends.{backend}.embed"), [0]
-        original = module.validation_loss
-
-        def validation_loss(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == nth:
-                raise KeyboardInterrupt
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, "validation_loss", validation_loss)
+        module = importlib.import_module(f"trmlx.backends.{backend}.embed")
+        interrupt_at_call(monkeypatch, module, "validation_loss", nth)
 
     return inject
-
-
-def _at_report(step, kind):
-    def on_report(report, steps):
-        if report.step == step and report.kind == kind:
-            raise KeyboardInterrupt
-    return on_report
 
 
 MOMENTS = {
