@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    """The cores this process may run on (macOS has no affinity call: all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Each pytest-xdist worker gets its share of the cores, before torch, OpenBLAS or a subprocess starts a thread pool:

@@ -203,7 +203,7 @@ def validation_loss(model: MLXEmbedder, examples: Sequence[EmbeddingExample], re
 def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[EmbeddingExample],
                valid_set: Sequence[EmbeddingExample], run_dir: Path, resume: bool = False) -> Iterator[StepReport]:
     """Train, yielding a report every log_every steps and after each validation; checkpoint atomically."""
-    from trmlx.backends.mlx.train import compiled_update, make_optimizer, restore_state, save_state
+    from trmlx.backends.mlx.train import compiled_update, make_optimizer, save_state
 
     cfg, chunk = recipe.train, recipe.embedding.mini_batch_size
     require_examples(train_set)
@@ -217,10 +217,7 @@ def train_loop(model: MLXEmbedder, recipe: Recipe, train_set: Sequence[Embedding
     position, last_checkpoint, step, step_start = Position(), None, 0, (0, 0)
     if resume:
         last_checkpoint, position = checkpoints.latest()
-        restore_state(last_checkpoint, net, optimizer)
-    else:
-        optimizer.init(net.trainable_parameters())  # what the first update would do; compile needs the state now
-    apply_update = compiled_update(net, optimizer)
+    apply_update = compiled_update(net, optimizer, last_checkpoint)
     batches = UniqueBatchCursor(train_set, cfg.batch_size, cfg.seed, position)
     window = QueryWindow(position)
     mx.reset_peak_memory()

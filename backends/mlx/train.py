@@ -106,10 +106,7 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
     position, last_checkpoint, step, step_start = Position(), None, 0, (0, 0)
     if resume:
         last_checkpoint, position = checkpoints.latest()
-        restore_state(last_checkpoint, model, optimizer)
-    else:
-        optimizer.init(model.trainable_parameters())  # what the first update would do; compile needs the state now
-    apply_update = compiled_update(model, optimizer)
+    apply_update = compiled_update(model, optimizer, last_checkpoint)
     batches = BatchCursor(data.lengths, cfg.batch_size, cfg.seed, position)
     window = ReportWindow(position)
     mx.reset_peak_memory()
@@ -159,11 +156,16 @@ def train_loop(loaded: LoadedModel, recipe: Recipe, train_set: Sequence[Example]
         block_type.__call__ = plain_call  # later models of this class (eval, other runs) run unpatched
 
 
-def compiled_update(model: nn.Module, optimizer: optim.Optimizer) -> Callable[[dict], None]:
-    """optimizer.update(model, grads) as one compiled graph: op by op, AdamW launches ~15 small kernels per
+def compiled_update(model: nn.Module, optimizer: optim.Optimizer,
+                    checkpoint: Path | None) -> Callable[[dict], None]:
+    """The optimizer's state, restored from `checkpoint` or fresh (what its first update would make), and
+    optimizer.update(model, grads) as one compiled graph over it: op by op, AdamW launches ~15 small kernels per
     trainable array (benchmarks/mlx_vs_mlx_lm.py's steady step: 28.0 -> 25.5 ms). The learning rate and the step
-    count live in optimizer.state, so a new rate is an input, not a retrace. Build it after restore_state, which
-    replaces optimizer.state."""
+    count live in optimizer.state, so a new rate is an input, not a retrace."""
+    if checkpoint is not None:
+        restore_state(checkpoint, model, optimizer)  # replaces optimizer.state: before the compile captures it
+    else:
+        optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state]
     return mx.compile(partial(optimizer.update, model), inputs=state, outputs=state)
 
